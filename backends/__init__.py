@@ -1,0 +1,1 @@
+"""Backends: TVM (per-target pass pipelines, libraries), ONNX Runtime (reference), artifacts."""

@@ -1,0 +1,158 @@
+"""TVM Relax backend: import an ONNX half, run a per-target pass pipeline, export a library.
+
+Each target's pipeline is a readable list of named TVM passes (printed with --verbose),
+built from the same stages as TVM's own cpu_generic and cuda pipelines; CPU targets add
+nasc's default schedules when available.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from onnx import ModelProto
+
+from nasc.backends.targets import Target, require_cross_compiler
+from nasc.errors import UnsupportedOpError
+
+LIBRARY_NAME = "model.so"
+
+
+def supported_ops() -> set[str]:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return set(onnx_frontend._get_convert_map())
+
+
+def check_ops(model: ModelProto, where: str) -> None:
+    """UnsupportedOpError naming the first node whose op TVM's ONNX importer lacks."""
+    ok = supported_ops()
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx") or n.op_type not in ok:
+            raise UnsupportedOpError(
+                f"{where}: node '{n.name}' uses op {n.domain + '.' if n.domain else ''}{n.op_type}, "
+                "which the TVM backend cannot import; use --backend ort or cut before it"
+            )
+
+
+def import_onnx(model: ModelProto, where: str = "model"):
+    """ONNX -> Relax IRModule with weights bound as constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_ops(model, where)
+    try:
+        return from_onnx(model, keep_params_in_input=False)
+    except Exception as e:  # the importer's own complaints are about the model
+        raise UnsupportedOpError(f"{where}: TVM cannot import the model: {str(e).splitlines()[-1][:300]}") from None
+
+
+def _cpu_extra(target) -> tuple[list, list]:
+    try:
+        from nasc.backends import cpu_schedules
+    except ImportError:
+        return [], []
+    layout = getattr(cpu_schedules, "cpu_layout_passes", lambda t: [])(target)
+    return list(layout), list(cpu_schedules.cpu_schedule_passes(target))
+
+
+def pipeline(target: Target) -> list[tuple[str, object]]:
+    """The named pass list that lowers an imported Relax module for `target`."""
+    import tvm
+    from tvm import relax
+
+    t = target.tvm()
+    if target.kind == "cuda":
+        from tvm.relax.backend.cuda import pipeline as stages
+        from tvm.s_tir import dlight as dl
+
+        legalize = [
+            ("legalize-ops", relax.transform.LegalizeOps()),
+            ("annotate-op-pattern", relax.transform.AnnotateTIROpPattern()),
+            ("fold-constant", relax.transform.FoldConstant()),
+            ("fuse-ops", relax.transform.FuseOps()),
+            ("fuse-tir", relax.transform.FuseTIR()),
+            ("dlight-gpu-schedules", dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())),
+        ]
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as stages
+
+        layout, schedules = _cpu_extra(t)
+        legalize = [(f"cpu-layout-{i}", p) for i, p in enumerate(layout)] + [
+            ("legalize-ops", relax.transform.LegalizeOps()),
+            ("annotate-op-pattern", relax.transform.AnnotateTIROpPattern()),
+            ("fold-constant", relax.transform.FoldConstant()),
+            ("fuse-ops", relax.transform.FuseOps()),
+            ("fuse-tir", relax.transform.FuseTIR()),
+        ] + [(f"cpu-schedule-{i}", p) for i, p in enumerate(schedules)]
+    named = lambda passes: [(type(p).__name__ if not hasattr(p, "info") else p.info.name, p) for p in passes]  # noqa: E731
+    return (
+        named(stages.library_dispatch_passes(t))
+        + legalize
+        + named(stages.dataflow_lower_passes(t))
+        + named(stages.finalize_passes(t))
+    )
+
+
+def compile_model(model: ModelProto, target: Target, where: str = "model", log: Callable[[str], None] | None = None):
+    """Compile one ONNX half for `target`; returns a TVM relax Executable."""
+    import tvm
+
+    mod = import_onnx(model, where)
+    steps = pipeline(target)
+    t = target.tvm()
+
+    @tvm.transform.module_pass(opt_level=0, name="nasc_pipeline")
+    def _run(mod, _ctx):
+        with t:
+            for name, p in steps:
+                if log:
+                    log(name)
+                mod = p(mod)
+        return mod
+
+    return tvm.compile(mod, target=t, relax_pipeline=_run)
+
+
+def export(executable, path: Path, target: Target) -> None:
+    """Write the shared library for `target` (cross-linked for aarch64)."""
+    cc = require_cross_compiler(target)
+    if cc:
+        import tvm.support
+
+        executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(cc))
+    else:
+        executable.export_library(str(path))
+
+
+class Runner:
+    """Runs a compiled library with the TVM VM; feeds and results are numpy arrays in ONNX order."""
+
+    def __init__(self, library, device: str, input_names: list[str], output_names: list[str]):
+        import tvm
+        from tvm import relax
+
+        self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        self.vm = relax.VirtualMachine(library, self.dev)
+        self.input_names = input_names
+        self.output_names = output_names
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tvm
+
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
+        out = self.vm["main"](*args)
+        outs = [out] if len(self.output_names) == 1 and hasattr(out, "numpy") else list(out)
+        return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+
+
+def load_library(path: Path):
+    import tvm
+
+    return tvm.runtime.load_module(str(path))
+
+
+def set_threads(n: int | None = None) -> None:
+    """TVM's thread pool defaults to one thread here; use every core unless told otherwise."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(n or os.cpu_count() or 1))

@@ -1,0 +1,79 @@
+"""Shared CLI plumbing: rich consoles, error handling, link/profile arguments."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from rich.console import Console
+
+from nasc import defaults
+from nasc.errors import NascError
+from nasc.types import HardwareProfile, Link
+
+
+TABLE_WIDTH = 160
+
+
+def run_main(fn: Callable[[], int], err: Console) -> int:
+    """Run a command body; a NascError becomes one red line and its exit code."""
+    try:
+        return fn()
+    except NascError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return 130
+
+
+def parse_link(text: str | None, bandwidth: float | None = None, rtt: float | None = None) -> Link:
+    """A link from a preset name or `BW_MBIT,RTT_MS[,LOSS_PCT]`, overridden by --bandwidth/--rtt."""
+    link = defaults.DEFAULT_LINK
+    if text:
+        if text in defaults.LINK_PRESETS:
+            link = defaults.LINK_PRESETS[text]
+        else:
+            parts = text.split(",")
+            try:
+                vals = [float(x) for x in parts]
+            except ValueError:
+                vals = []
+            if len(vals) not in (2, 3) or vals[0] <= 0 or vals[1] < 0:
+                raise NascError(
+                    f"--link '{text}': expected BW_MBIT,RTT_MS[,LOSS_PCT] or one of {', '.join(defaults.LINK_PRESETS)}"
+                )
+            link = Link(vals[0], vals[1], vals[2] if len(vals) == 3 else 0.0, name=text)
+    if bandwidth is not None or rtt is not None:
+        if bandwidth is not None and bandwidth <= 0:
+            raise NascError(f"--bandwidth {bandwidth}: must be positive (Mbit/s)")
+        link = Link(bandwidth if bandwidth is not None else link.bandwidth_mbit,
+                    rtt if rtt is not None else link.rtt_ms, link.loss_pct, name="custom")
+    return link
+
+
+def load_profile(path: str | None, default: HardwareProfile) -> HardwareProfile:
+    return HardwareProfile.load(path) if path else default
+
+
+def consoles(json_mode: bool, quiet: bool) -> tuple[Console, Console]:
+    """(out, err): with --json only the JSON goes to stdout; -q silences the human output."""
+    err = Console(stderr=True, quiet=False)
+    out = Console(stderr=json_mode, quiet=quiet)
+    if not out.is_terminal:
+        # piped or captured: wide enough that tables never truncate tensor names
+        out = Console(stderr=json_mode, quiet=quiet, width=TABLE_WIDTH)
+    return out, err
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def stdout_write(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
