@@ -116,9 +116,13 @@ def compile_model(model: ModelProto, target: Target, where: str = "model", log: 
 
 
 def export(executable, path: Path, target: Target) -> None:
-    """Write the shared library for `target` (cross-linked for aarch64)."""
+    """Write the shared library for `target`: cross-linked for aarch64, CUDA kernels as an nvcc fatbin."""
     cc = require_cross_compiler(target)
-    if cc:
+    if target.kind == "cuda":
+        from nasc.backends.cuda import fatbin_packer
+
+        executable.export_library(str(path), fpack_imports=fatbin_packer(target.spec["arch"]))
+    elif cc:
         import tvm.support
 
         executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(cc))

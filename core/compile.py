@@ -299,6 +299,9 @@ def compile_model(
 ) -> dict:
     """Build the artifact for one split into `out_dir` and return its manifest.
 
+    `source` is a model (path, `example:NAME`, ModelProto) planned here with `split` and the
+    link/profile arguments, or a Plan whose choice is used as it is.
+
     With verify (the default) head-then-tail is checked against ONNX Runtime on the original
     model; a float split beyond tolerance raises VerificationError and writes nothing.
     """

@@ -43,7 +43,6 @@ class Cut:
     index: int
     kind: str                                  # server-only | split | device-only
     tensors: tuple[str, ...]                   # sent device -> server, in execution order
-    head_nodes: frozenset[str]
     payload_bytes: int
     payload_bytes_int8: int
     head_macs: int
@@ -54,6 +53,12 @@ class Cut:
     tail_param_bytes: int
     device_peak_memory_bytes: int
     head_mask: np.ndarray = field(repr=False, compare=False, hash=False)
+    node_names: tuple[str, ...] = field(repr=False, compare=False, hash=False, default=())
+
+    @property
+    def head_nodes(self) -> frozenset[str]:
+        """Names of the nodes that run on the device."""
+        return frozenset(n for n, h in zip(self.node_names, self.head_mask) if h)
 
     @property
     def label(self) -> str:
@@ -76,7 +81,7 @@ class Cut:
             "head_param_bytes": self.head_param_bytes,
             "tail_param_bytes": self.tail_param_bytes,
             "device_peak_memory_bytes": self.device_peak_memory_bytes,
-            "head_nodes": len(self.head_nodes),
+            "head_nodes": int(self.head_mask.sum()),
         }
 
 
@@ -148,89 +153,143 @@ def _ideals(a: Analysis) -> list[int]:
     return ideals
 
 
-def _mask(bits: int, N: int) -> np.ndarray:
-    raw = np.frombuffer(bits.to_bytes((N + 7) // 8 or 1, "little"), np.uint8)
-    return np.unpackbits(raw, bitorder="little")[:N].astype(bool)
+def _masks(ideals: list[int], N: int) -> np.ndarray:
+    """Bitsets -> (K, N) bool matrix."""
+    width = (N + 7) // 8 or 1
+    raw = np.frombuffer(b"".join(b.to_bytes(width, "little") for b in ideals), np.uint8).reshape(len(ideals), width)
+    return np.unpackbits(raw, axis=1, bitorder="little")[:, :N].astype(bool)
 
 
-def _measure(a: Analysis, T: _Tensors, H: np.ndarray) -> tuple:
-    """Crossing tensors, payloads and device peak memory of head mask H."""
-    N = len(a.nodes)
-    in_head_t = np.where(T.prod < 0, True, H[np.clip(T.prod, 0, max(N - 1, 0))] if N else True)
-    tail_edge = ~H[T.edge_c]
-    needed_by_tail = np.zeros(len(T.names), bool)
-    needed_by_tail[T.edge_t[tail_edge]] = True
-    crossing = in_head_t & needed_by_tail
-    payload = int(T.size[crossing].sum())
+class _Edges:
+    """Consumer edges of activation tensors and of initializers, sorted for segment reductions."""
+
+    def __init__(self, a: Analysis, T: _Tensors):
+        order = np.argsort(T.edge_t, kind="stable")
+        self.t = T.edge_t[order]
+        self.c = T.edge_c[order]
+        self.tensors, self.starts = np.unique(self.t, return_index=True)
+        inits = sorted(a.initializer_bytes)
+        index = {w: i for i, w in enumerate(inits)}
+        pairs = sorted((index[w], i) for i, ws in enumerate(a.node_inits) for w in ws)
+        self.w = np.array([p[0] for p in pairs], np.int64)
+        self.wc = np.array([p[1] for p in pairs], np.int64)
+        self.weights, self.wstarts = np.unique(self.w, return_index=True)
+        self.wbytes = np.array([a.initializer_bytes[w] for w in inits], np.int64)
+
+
+def _crossing(T: _Tensors, E: _Edges, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(made on the device side, sent) per cut x tensor, for head masks M (K x N)."""
+    K = len(M)
+    in_head = np.ones((K, len(T.names)), bool)
+    made = T.prod >= 0
+    in_head[:, made] = M[:, T.prod[made]]
+    needed = np.zeros_like(in_head)
+    if len(E.c):
+        needed[:, E.tensors] = np.logical_or.reduceat(~M[:, E.c], E.starts, axis=1)
+    return in_head, in_head & needed
+
+
+def _measure(a: Analysis, T: _Tensors, E: _Edges, M: np.ndarray) -> dict[str, np.ndarray]:
+    """Payloads, weights and device peak memory of every head mask in M (K x N)."""
+    K, N = M.shape
+    in_head, cross = _crossing(T, E, M)
     qbytes = np.where(T.is_float, T.numel + _QPARAM_BYTES, T.size)
-    payload8 = int(qbytes[crossing].sum())
-    if not H.any():
-        return crossing, payload, payload8, payload
-    # Live intervals over head execution positions; crossing tensors and head-side graph
-    # outputs stay alive until the head finishes (they are sent or returned then).
-    end = np.full(len(T.names), -1, np.int64)
-    head_edge = ~tail_edge
-    np.maximum.at(end, T.edge_t[head_edge], T.edge_c[head_edge])
-    keep = crossing | (T.is_output & in_head_t)
-    end[keep] = N
-    start = np.maximum(T.prod, 0)
-    live = in_head_t & (end >= 0)
-    end = np.maximum(end, start)
-    diff = np.zeros(N + 2, np.int64)
-    np.add.at(diff, start[live], T.size[live])
-    np.add.at(diff, end[live] + 1, -T.size[live])
-    peak_act = int(np.cumsum(diff).max())
-    return crossing, payload, payload8, peak_act
+    # Live intervals over head execution positions. A tensor lives from its producer (graph
+    # inputs: from the start) to its last head consumer; cut tensors and head-side graph
+    # outputs live until the head finishes, when they are sent or returned.
+    end = np.full((K, len(T.names)), -1, np.int64)
+    if len(E.c):
+        end[:, E.tensors] = np.maximum.reduceat(np.where(M[:, E.c], E.c, -1), E.starts, axis=1)
+    end[cross | (T.is_output & in_head)] = N
+    start = np.broadcast_to(np.maximum(T.prod, 0), end.shape)
+    rows, cols = np.nonzero(in_head & (end >= 0))
+    first = start[rows, cols]
+    diff = np.zeros((K, N + 2), np.int64)
+    np.add.at(diff, (rows, first), T.size[cols])
+    np.add.at(diff, (rows, np.maximum(end[rows, cols], first) + 1), -T.size[cols])
+    peak_act = np.cumsum(diff, axis=1).max(axis=1)
+    head_w = np.zeros((K, len(E.wbytes)), bool)
+    tail_w = np.zeros_like(head_w)
+    if len(E.wc):
+        head_w[:, E.weights] = np.logical_or.reduceat(M[:, E.wc], E.wstarts, axis=1)
+        tail_w[:, E.weights] = np.logical_or.reduceat(~M[:, E.wc], E.wstarts, axis=1)
+    head_params = head_w.astype(np.int64) @ E.wbytes
+    sent = cross.astype(np.int64)
+    Mi = M.astype(np.int64)
+    return {
+        "head_macs": Mi @ a.macs,
+        "tail_macs": (1 - Mi) @ a.macs,
+        "head_flops": Mi @ a.flops,
+        "tail_flops": (1 - Mi) @ a.flops,
+        "cross": cross,
+        "payload": sent @ T.size,
+        "payload8": sent @ qbytes,
+        "head_params": head_params,
+        "tail_params": tail_w.astype(np.int64) @ E.wbytes,
+        # server-only: the device only holds the raw input it sends
+        "peak": np.where(M.any(axis=1), head_params + peak_act, sent @ T.size),
+    }
 
 
-def _param_bytes(a: Analysis, H: np.ndarray) -> tuple[int, int]:
-    head, tail = set(), set()
-    for i, ws in enumerate(a.node_inits):
-        (head if H[i] else tail).update(ws)
-    return sum(a.initializer_bytes[w] for w in head), sum(a.initializer_bytes[w] for w in tail)
+# Candidates are measured this many at a time: (chunk x tensors) matrices stay small.
+_CHUNK = 256
+
+
+def _cut(index: int, kind: str, names: tuple[str, ...], T: _Tensors, H: np.ndarray, m: dict, j: int) -> Cut:
+    device_only = kind == DEVICE_ONLY
+    payload = 0 if device_only else int(m["payload"][j])
+    return Cut(
+        index=index,
+        kind=kind,
+        tensors=() if device_only else tuple(T.names[i] for i in np.flatnonzero(m["cross"][j])),
+        payload_bytes=payload,
+        payload_bytes_int8=int(m["payload8"][j]) if kind == SPLIT else payload,
+        head_macs=int(m["head_macs"][j]),
+        tail_macs=int(m["tail_macs"][j]),
+        head_flops=int(m["head_flops"][j]),
+        tail_flops=int(m["tail_flops"][j]),
+        head_param_bytes=int(m["head_params"][j]),
+        tail_param_bytes=int(m["tail_params"][j]),
+        device_peak_memory_bytes=int(m["peak"][j]),
+        head_mask=H,
+        node_names=names,
+    )
+
+
+def _kind(size: int, N: int) -> str:
+    return SERVER_ONLY if size == 0 else DEVICE_ONLY if size == N else SPLIT
 
 
 def enumerate_cuts(a: Analysis) -> list[Cut]:
     """All candidate cuts, deduplicated by the tensors they send, ordered by head size.
 
-    Index 0 is server-only (the raw input is sent); the last index is device-only.
+    Index 0 is server-only (the raw input is sent); the last index is device-only. Candidates
+    are scored as matrices in chunks, so graphs of thousands of nodes take seconds.
     """
     N = len(a.nodes)
     T = _Tensors(a)
-    by_tensors: dict[tuple, tuple[int, np.ndarray, tuple]] = {}
-    for bits in dict.fromkeys(_ideals(a)):
-        H = _mask(bits, N)
-        crossing, payload, payload8, peak_act = _measure(a, T, H)
-        size = int(H.sum())
-        kind = SERVER_ONLY if size == 0 else DEVICE_ONLY if size == N else SPLIT
-        key = (kind, tuple(np.flatnonzero(crossing)))
-        if key not in by_tensors or size < by_tensors[key][0]:
-            by_tensors[key] = (size, H, (crossing, payload, payload8, peak_act))
-    ordered = sorted(by_tensors.items(), key=lambda kv: (kv[1][0], kv[0][1]))
-    cuts = []
-    for index, ((kind, _), (size, H, (crossing, payload, payload8, peak_act))) in enumerate(ordered):
-        hp, tp = _param_bytes(a, H)
-        tensors = tuple(T.names[i] for i in np.flatnonzero(crossing))
-        if kind == DEVICE_ONLY:
-            payload = payload8 = 0
-        cuts.append(
-            Cut(
-                index=index,
-                kind=kind,
-                tensors=tensors if kind != DEVICE_ONLY else (),
-                head_nodes=frozenset(a.nodes[i].name for i in np.flatnonzero(H)),
-                payload_bytes=payload,
-                payload_bytes_int8=payload8 if kind == SPLIT else payload,
-                head_macs=int(a.macs[H].sum()),
-                tail_macs=int(a.macs[~H].sum()),
-                head_flops=int(a.flops[H].sum()),
-                tail_flops=int(a.flops[~H].sum()),
-                head_param_bytes=hp,
-                tail_param_bytes=tp,
-                device_peak_memory_bytes=hp + peak_act,
-                head_mask=H,
-            )
-        )
+    E = _Edges(a, T)
+    ideals = list(dict.fromkeys(_ideals(a)))
+    best: dict[tuple, tuple[int, int]] = {}  # (kind, sent tensors) -> (head size, ideal)
+    for lo in range(0, len(ideals), _CHUNK):
+        M = _masks(ideals[lo:lo + _CHUNK], N)
+        _, cross = _crossing(T, E, M)
+        sizes = M.sum(axis=1)
+        packed = np.packbits(cross, axis=1)
+        for j, size in enumerate(sizes.tolist()):
+            key = (_kind(size, N), packed[j].tobytes())
+            if key not in best or size < best[key][0]:
+                best[key] = (size, lo + j)
+    # stable order: head size, then the sent tensors' positions
+    keyed = sorted(best.items(), key=lambda kv: (kv[1][0], np.flatnonzero(np.unpackbits(np.frombuffer(kv[0][1], np.uint8))).tolist()))
+    picked = [ideals[i] for _, (_, i) in keyed]
+    names = tuple(a.node_names)
+    cuts: list[Cut] = []
+    for lo in range(0, len(picked), _CHUNK):
+        M = _masks(picked[lo:lo + _CHUNK], N)
+        m = _measure(a, T, E, M)
+        for j, H in enumerate(M):
+            cuts.append(_cut(len(cuts), _kind(int(H.sum()), N), names, T, H, m, j))
     return cuts
 
 
@@ -261,17 +320,10 @@ def cut_from_tensors(a: Analysis, cuts: list[Cut], names: list[str]) -> Cut:
         H[i] = True
         stack.extend(a.producer[x] for x in node_inputs(a.nodes[i]) if x in a.producer)
     T = _Tensors(a)
-    crossing, payload, payload8, peak_act = _measure(a, T, H)
-    sent = {T.names[i] for i in np.flatnonzero(crossing)}
+    m = _measure(a, T, _Edges(a, T), H[None])
+    sent = {T.names[i] for i in np.flatnonzero(m["cross"][0])}
     if sent != want or not H.any() or H.all():
         extra = sorted(sent - want)
         why = f"the tail would also need {', '.join(extra[:4])}" if extra else "they do not separate the graph"
         raise CutError(f"--split {','.join(names)}: not a cut: {why}")
-    hp, tp = _param_bytes(a, H)
-    return Cut(
-        index=len(cuts), kind=SPLIT, tensors=tuple(T.names[i] for i in np.flatnonzero(crossing)),
-        head_nodes=frozenset(a.nodes[i].name for i in np.flatnonzero(H)), payload_bytes=payload,
-        payload_bytes_int8=payload8, head_macs=int(a.macs[H].sum()), tail_macs=int(a.macs[~H].sum()),
-        head_flops=int(a.flops[H].sum()), tail_flops=int(a.flops[~H].sum()), head_param_bytes=hp,
-        tail_param_bytes=tp, device_peak_memory_bytes=hp + peak_act, head_mask=H,
-    )
+    return _cut(len(cuts), SPLIT, tuple(a.node_names), T, H, m, 0)

@@ -65,6 +65,15 @@ def _attrs(q: QuantParams) -> dict:
     return {} if q.axis is None else {"axis": q.axis}
 
 
+def _wire_value_info(vi: onnx.ValueInfoProto, q: QuantParams) -> onnx.ValueInfoProto:
+    """The uint8 wire tensor's value info: same shape as the float cut tensor."""
+    wire = onnx.ValueInfoProto()
+    wire.CopyFrom(vi)
+    wire.name = q.wire_name
+    wire.type.tensor_type.elem_type = TensorProto.UINT8
+    return wire
+
+
 def quantize_head(head: ModelProto, params: list[QuantParams]) -> ModelProto:
     """Append QuantizeLinear for each cut tensor; the head then outputs the uint8 wire tensors."""
     out = copy_model(head)
@@ -79,11 +88,7 @@ def quantize_head(head: ModelProto, params: list[QuantParams]) -> ModelProto:
         inits, s, z = _qconsts(q)
         g.initializer.extend(inits)
         g.node.append(helper.make_node("QuantizeLinear", [o.name, s, z], [q.wire_name], name=f"nasc.quantize.{q.tensor}", **_attrs(q)))
-        vi = onnx.ValueInfoProto()
-        vi.CopyFrom(o)
-        vi.name = q.wire_name
-        vi.type.tensor_type.elem_type = TensorProto.UINT8
-        new_outputs.append(vi)
+        new_outputs.append(_wire_value_info(o, q))
         if not any(v.name == o.name for v in g.value_info) and o.name not in {i.name for i in g.input}:
             g.value_info.append(o)
     del g.output[:]
@@ -106,11 +111,7 @@ def dequantize_tail(tail: ModelProto, params: list[QuantParams]) -> ModelProto:
         inits, s, z = _qconsts(q)
         g.initializer.extend(inits)
         dq_nodes.append(helper.make_node("DequantizeLinear", [q.wire_name, s, z], [i.name], name=f"nasc.dequantize.{q.tensor}", **_attrs(q)))
-        vi = onnx.ValueInfoProto()
-        vi.CopyFrom(i)
-        vi.name = q.wire_name
-        vi.type.tensor_type.elem_type = TensorProto.UINT8
-        new_inputs.append(vi)
+        new_inputs.append(_wire_value_info(i, q))
         g.value_info.append(i)
     nodes = dq_nodes + list(g.node)
     del g.node[:]

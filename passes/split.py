@@ -62,9 +62,10 @@ def tail_outputs(a: Analysis, cut: Cut) -> list[str]:
 
 def extract_head(a: Analysis, cut: Cut) -> ModelProto | None:
     """The device half of the cut, or None for a server-only cut."""
-    if not cut.head_nodes:
+    head = cut.head_nodes
+    if not head:
         return None
-    nodes = [n for n in a.nodes if n.name in cut.head_nodes]
+    nodes = [n for n in a.nodes if n.name in head]
     reads = {x for n in nodes for x in node_inputs(n)}
     outs = head_outputs(a, cut)
     # Graph inputs the tail needs pass through the head unchanged (they are head outputs too).
@@ -74,7 +75,8 @@ def extract_head(a: Analysis, cut: Cut) -> ModelProto | None:
 
 def extract_tail(a: Analysis, cut: Cut) -> ModelProto | None:
     """The server half of the cut, or None for a device-only cut."""
-    nodes = [n for n in a.nodes if n.name not in cut.head_nodes]
+    head = cut.head_nodes
+    nodes = [n for n in a.nodes if n.name not in head]
     if not nodes:
         return None
     return _half(a, nodes, list(cut.tensors), tail_outputs(a, cut), "tail", cut)

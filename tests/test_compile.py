@@ -10,6 +10,7 @@ from onnx import helper
 
 from conftest import SMALL, prepared, random_feeds, run_pair, small_model
 from nasc.backends import ort
+from nasc.backends.cuda import FATBIN_MAGIC
 from nasc.backends.targets import AARCH64_GCC, resolve_target
 from nasc.backends.tvm import Runner, compile_model as tvm_compile
 from nasc.compile import compile_model, plan
@@ -38,6 +39,9 @@ def test_llvm_head_cuda_tail_artifact(tmp_path):
     assert set(m["files"]) == {"head/model.onnx", "head/model.so", "tail/model.onnx", "tail/model.so"}
     v = m["verification"]["tvm"]
     assert v["max_abs_error"] < 1e-3 and "llvm build" in v["via"]["tail"]
+    # the CUDA library ships device code (an nvcc fatbin for sm_80), not CUDA C to compile at load
+    tail_lib = (out / "tail" / "model.so").read_bytes()
+    assert FATBIN_MAGIC in tail_lib and b"__global__" not in tail_lib
     assert json.loads((out / "manifest.json").read_text()) == m
     # the device side runs the real library; the CUDA tail refuses to load on a machine without a GPU
     art = open_artifact(out)

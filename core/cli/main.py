@@ -10,6 +10,7 @@ COMMANDS = {
     "search": "nasc.cli.search",
     "serve": "nasc.cli.serve",
     "bench": "nasc.cli.bench",
+    "run-head": "nasc.cli.run_head",
 }
 
 

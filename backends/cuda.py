@@ -1,0 +1,132 @@
+"""Ship compiled CUDA device code: kernels become a fatbin at build time, not source at load time.
+
+TVM's CUDA codegen leaves CUDA C source in the module and compiles it when the server
+loads the library. nasc instead runs nvcc here (cross-compiling for the target's sm_XX,
+plus PTX for newer GPUs) and packs the fatbin into the exported library in place of the
+source, through export_library's `fpack_imports` hook.
+
+The packed-imports blob is a u64 total length, the import tree, then one entry per module:
+a length-prefixed key and a length-prefixed body. A "cuda" body is three fields:
+format string, function map, data. Only format ("cuda" -> "fatbin") and data change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+from nasc.errors import TargetError
+
+FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+SOURCE_FORMAT = b"cuda"
+_U64 = struct.Struct("<Q")
+
+
+def find_nvcc() -> str:
+    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+    if nvcc is None:
+        raise TargetError("CUDA targets need nvcc to build device code; install the CUDA toolkit or put nvcc on PATH")
+    return nvcc
+
+
+def nvcc_fatbin(source: str, arch: str, workdir: Path) -> bytes:
+    """Compile CUDA C to a fatbin holding SASS for `arch` (e.g. sm_90) and PTX for newer GPUs."""
+    cc = arch.removeprefix("sm_")
+    src = workdir / "kernels.cu"
+    out = workdir / "kernels.fatbin"
+    src.write_text(source)
+    cmd = [find_nvcc(), "--fatbin", "-O3", "-std=c++17", f"-gencode=arch=compute_{cc},code=sm_{cc}",
+           f"-gencode=arch=compute_{cc},code=compute_{cc}", "-o", str(out), str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise TargetError(f"nvcc failed for {arch}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return out.read_bytes()
+
+
+def _string(b: bytes) -> bytes:
+    return _U64.pack(len(b)) + b
+
+
+def replace_cuda_source(blob: bytes, fatbin: bytes) -> bytes:
+    """Return the packed-imports blob with every CUDA module's source replaced by `fatbin`."""
+    key = _string(SOURCE_FORMAT)
+    out = bytearray(blob)
+    pos = 0
+    replaced = 0
+    while True:
+        i = out.find(key, pos)
+        if i < 0:
+            break
+        body_at = i + len(key)
+        (n,) = _U64.unpack_from(out, body_at)
+        body = bytes(out[body_at + 8: body_at + 8 + n])
+        if not body.startswith(key):  # the module key, then its body must start with fmt "cuda"
+            pos = i + 1
+            continue
+        # body = fmt | fmap | data; data is the last length-prefixed field
+        data_at = _last_field(body)
+        new_body = _string(b"fatbin") + body[len(key):data_at] + _string(fatbin)
+        out[body_at: body_at + 8 + n] = _U64.pack(len(new_body)) + new_body
+        pos = body_at + 8 + len(new_body)
+        replaced += 1
+    if not replaced:
+        raise ValueError("no CUDA module in the library's imports")
+    _U64.pack_into(out, 0, len(out) - 8)
+    return bytes(out)
+
+
+def _last_field(body: bytes) -> int:
+    """Offset of the final length-prefixed field (the data) in a CUDA module body."""
+    for off in range(len(body) - 8, -1, -1):
+        (n,) = _U64.unpack_from(body, off)
+        if off + 8 + n == len(body):
+            return off
+    raise ValueError("malformed CUDA module body")
+
+
+def _blob_from_c(c_text: str) -> tuple[str, bytes, str]:
+    start = c_text.index("= {") + 3
+    end = c_text.rindex("};")
+    data = bytes(int(x, 16) for x in re.findall(r"0x([0-9a-fA-F]{2})", c_text[start:end]))
+    return c_text[:start], data, c_text[end:]
+
+
+def _blob_to_c(head: str, blob: bytes, tail: str) -> str:
+    head = re.sub(r"__tvm_ffi__library_bin\[\d+\] = \{$", f"__tvm_ffi__library_bin[{len(blob)}] = {{", head)
+    rows = (",".join(f"0x{b:02x}" for b in blob[i:i + 20]) for i in range(0, len(blob), 20))
+    return head + "\n  " + ",\n  ".join(rows) + ",\n" + tail
+
+
+def fatbin_packer(arch: str):
+    """An `fpack_imports` for export_library that swaps CUDA source for an nvcc fatbin."""
+
+    def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
+        from tvm.runtime import _ffi_api
+
+        sources = [m.inspect_source() for m in _cuda_modules(module)]
+        with tempfile.TemporaryDirectory() as tmp:
+            fatbin = nvcc_fatbin("\n".join(sources), arch, Path(tmp))
+        head, blob, tail = _blob_from_c(_ffi_api.ModulePackImportsToC(module, is_system_lib, prefix))
+        path = os.path.join(workspace_dir, f"{prefix}devc.c")
+        with open(path, "w") as f:
+            f.write(_blob_to_c(head, replace_cuda_source(blob, fatbin), tail))
+        return path
+
+    return pack
+
+
+def _cuda_modules(module):
+    stack, found = [module], []
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            found.append(m)
+        stack.extend(m.imports)
+    if len(found) != 1:
+        raise ValueError(f"expected one CUDA module in the library, found {len(found)}")
+    return found

@@ -1,0 +1,54 @@
+"""backends.cuda: the packed-imports blob keeps its structure when CUDA source becomes a fatbin."""
+
+import struct
+
+import pytest
+
+from nasc.backends.cuda import _U64, _blob_from_c, _blob_to_c, _string, replace_cuda_source
+
+
+def blob(modules):
+    """A packed-imports blob: total length, a trivial import tree, then key/body entries."""
+    body = _U64.pack(2) + _U64.pack(0) + _U64.pack(1) + _U64.pack(0)
+    for key, content in modules:
+        body += _string(key) + _string(content)
+    return _U64.pack(len(body)) + body
+
+
+def cuda_body(source: bytes) -> bytes:
+    fmap = _U64.pack(1) + _string(b"k0") + _string(b"k0") + _U64.pack(0)
+    return _string(b"cuda") + fmap + _string(source)
+
+
+def test_replace_cuda_source_swaps_format_and_data_only():
+    src = b"extern \"C\" __global__ void k0() {}"
+    b = blob([(b"relax.VMExecutable", b"\x01\x02\x03"), (b"cuda", cuda_body(src))])
+    out = replace_cuda_source(b, b"FATBIN-BYTES")
+    (total,) = _U64.unpack_from(out, 0)
+    assert total == len(out) - 8
+    assert src not in out and b"FATBIN-BYTES" in out
+    i = out.index(_string(b"cuda")) + 12
+    (n,) = _U64.unpack_from(out, i)
+    body = out[i + 8:i + 8 + n]
+    assert i + 8 + n == len(out)
+    assert body.startswith(_string(b"fatbin"))
+    assert body.endswith(_string(b"FATBIN-BYTES"))
+    assert _string(b"k0") in body  # the function map survives
+    assert out.startswith(_U64.pack(total)) and b"\x01\x02\x03" in out
+
+
+def test_blob_without_cuda_is_an_error():
+    with pytest.raises(ValueError, match="no CUDA module"):
+        replace_cuda_source(blob([(b"llvm", b"x")]), b"f")
+
+
+def test_c_roundtrip():
+    data = bytes(range(256)) * 3
+    c = ("#include <x>\nconst unsigned char __tvm_ffi__library_bin[768] = {\n  "
+         + ",".join(f"0x{x:02x}" for x in data) + ",\n};\n#ifdef __cplusplus\n}\n#endif\n")
+    head, parsed, tail = _blob_from_c(c)
+    assert parsed == data
+    again = _blob_to_c(head, parsed + b"\x07", tail)
+    assert "__tvm_ffi__library_bin[769]" in again
+    assert _blob_from_c(again)[1] == data + b"\x07"
+    assert struct.calcsize("<Q") == 8

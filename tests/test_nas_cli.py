@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+
+from nasc.cli.search import main  # noqa: E402
+from nasc.search.nas import defaults as D  # noqa: E402
+
+TINY = ["--epochs", "1", "--channels", "4", "--cells", "1", "--resolution", "8", "--evo-cycles", "6",
+        "--evo-population", "6"]
+
+
+def test_end_to_end_digits(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["-o", str(out), "--space", "nb201", "--data", "digits", "--link", "1,50",
+               "--latency-budget", "1000", "--json", *TINY])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("chosen", "baseline"):
+        assert {"arch", "split", "accuracy", "latency_ms", "device_memory_bytes"} <= set(report[key])
+    assert report["chosen"]["latency_ms"] <= 1000 and report["train_seconds"] > 0
+    # with a budget nothing binds, the chosen arch is as accurate as baseline (a)
+    assert report["chosen"]["accuracy"] == pytest.approx(report["baseline"]["accuracy"])
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_latency.png", "chosen.onnx", "search.json"]
+    model = onnx.load(str(out / "chosen.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["nasc.arch"] == report["chosen"]["arch"]
+    assert meta[D.SPLIT_METADATA_KEY] == report["chosen"]["split_tensor"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_tabular_ratio_and_pareto(tmp_path, capsys):
+    from nasc.errors import NascError
+    from nasc.search.nas.tabular import find_data_dir
+
+    try:
+        find_data_dir()
+    except NascError:
+        pytest.skip("NB201 tables not available")
+    rc = main(["-o", str(tmp_path / "t"), "--tabular", "--link", "200,2", "--latency-budget-ratio", "0.4", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["chosen"]["latency_ms"] <= 0.4 * r["baseline"]["latency_ms"] + 1e-9
+    assert r["latency_reduction_pct"] >= 60.0 and r["baseline"]["arch_index"] == 6111
+    rc = main(["-o", str(tmp_path / "p"), "--tabular", "--link", "20,10", "--objective", "pareto",
+               "--memory-limit", "1000000", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0 and r["pareto"] and r["chosen"]["device_memory_bytes"] <= 1_000_000
+    lat = np.array([p["latency_ms"] for p in r["pareto"]])
+    assert lat.min() <= r["chosen"]["latency_ms"]
+
+
+def test_errors_are_one_red_line(tmp_path, capsys):
+    rc = main(["-o", str(tmp_path / "x"), "--link", "fast", "--latency-budget", "1"])
+    assert rc == 2 and "BW_MBIT,RTT_MS" in capsys.readouterr().err
+    rc = main(["-o", str(tmp_path / "x"), "--link", "1,50", "--data", "folder:/nonexistent", "--latency-budget", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "/nonexistent" in err and len(err.strip().splitlines()) == 1
+    rc = main(["-o", str(tmp_path / "x"), "--link", "1,50"])
+    assert rc == 2 and "latency-budget" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from nasc.partitioner import analyze, cut_from_tensors, enumerate_cuts, load_model  # noqa: E402
+from nasc.search.nas import defaults as D  # noqa: E402
+from nasc.search.nas.export import export_subnet, split_metadata  # noqa: E402
+from nasc.search.nas.latency_table import build_latency_table, nasc_node_cost  # noqa: E402
+from nasc.search.nas.space import NB201Space, SpaceConfig  # noqa: E402
+from nasc.types import Link  # noqa: E402
+
+CFG = SpaceConfig(channels=4, cells_per_stage=2, resolution=16)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    space = NB201Space()
+    torch.manual_seed(0)
+    return space, build_latency_table(space, CFG), space.build_supernet(CFG).eval()
+
+
+def test_table_equals_nasc_model_on_whole_exported_subnets(setup):
+    """The probed-term sums reproduce nasc's latency model on the real exported graph exactly."""
+    space, table, net = setup
+    cost, _ = nasc_node_cost()
+    archs = [0, 6111, 9930, 3000] + np.random.default_rng(0).integers(space.num_archs, size=8).tolist()
+    for a in archs:
+        model, _ = export_subnet(net.subnet(a), CFG.input_shape)
+        for side, blocks in (("device", table.block_device_ms), ("server", table.block_server_ms)):
+            assert blocks[a].sum() == pytest.approx(cost(model, side).sum(), rel=1e-9), (a, side)
+
+
+def test_head_latency_and_payload_at_each_cut_match_nasc_cuts(setup):
+    """Per cut: device time of the head and the payload equal nasc's own cut of the exported model."""
+    from nasc.search.latency import AnalyticLatencyModel
+    from nasc.defaults import DEFAULT_DEVICE, DEFAULT_SERVER
+
+    space, table, net = setup
+    scores = table.score(Link(10, 5))
+    lm = AnalyticLatencyModel(DEFAULT_DEVICE, DEFAULT_SERVER)
+    a = space.arch_index("|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|")
+    model, tensors = export_subnet(net.subnet(a), CFG.input_shape)
+    an = analyze(load_model(model))
+    cuts = enumerate_cuts(an)
+    dev = lm.node_ms(an, "device")
+    for k in range(1, table.num_cuts - 1):
+        cut = cut_from_tensors(an, cuts, [split_metadata(k, table.structure.num_blocks, tensors)])
+        assert cut.payload_bytes == scores.payload_bytes[k]
+        assert float(dev[cut.head_mask].sum()) == pytest.approx(scores.device_ms[a, k], rel=1e-9)
+
+
+def test_score_shapes_and_end_cuts(setup):
+    space, table, _ = setup
+    link = Link(bandwidth_mbit=8.0, rtt_ms=3.0)
+    s = table.score(link)
+    K = table.num_cuts
+    assert s.latency_ms.shape == (space.num_archs, K)
+    np.testing.assert_allclose(s.latency_ms, s.device_ms + s.transfer_ms + s.server_ms)
+    # server-only sends the float input; device-only sends nothing and runs everything locally.
+    assert s.payload_bytes[0] == np.prod(CFG.input_shape) * 4 and s.transfer_ms[0, -1] == 0.0
+    np.testing.assert_allclose(s.device_ms[:, -1], table.block_device_ms.sum(1))
+    np.testing.assert_allclose(s.server_ms[:, 0], table.block_server_ms.sum(1))
+    assert s.transfer_ms[0, 1] == pytest.approx(link.transfer_ms(s.payload_bytes[1]))
+    q = table.score(link, int8=True)
+    assert q.payload_bytes[1] == np.ceil(s.payload_bytes[1] / 4) + D.INT8_QPARAM_BYTES
+    assert q.payload_bytes[0] == s.payload_bytes[0]
+    assert np.all(np.diff(s.device_memory_bytes, axis=1) >= 0)  # a longer head never needs less memory
+
+
+def test_custom_cost_function_is_used():
+    space = NB201Space()
+    ones = lambda model, side: np.ones(len(model.graph.node))  # noqa: E731  one "ms" per node
+    t = build_latency_table(space, CFG, cost=ones, source="node count")
+    assert t.source == "node count"
+    assert np.all(t.block_device_ms[:, 0] == 1)  # the stem exports one Conv (BN folded)
+    assert t.block_device_ms.max() > 1
