@@ -62,8 +62,9 @@ def predict(a: Analysis, cuts: list[Cut], model: LatencyModel, link: Link, compr
     if not cuts:
         return []
     masks = np.stack([c.head_mask for c in cuts]).astype(np.float64)
-    dev = masks @ model.node_ms(a, DEVICE)
-    srv = (1.0 - masks) @ model.node_ms(a, SERVER)
+    call = getattr(model, "call_ms", lambda side: 0.0)
+    dev = masks @ model.node_ms(a, DEVICE) + np.where(masks.any(axis=1), call(DEVICE), 0.0)
+    srv = (1.0 - masks) @ model.node_ms(a, SERVER) + np.where(masks.all(axis=1), 0.0, call(SERVER))
     payload = np.array([c.payload_bytes_int8 if compress else c.payload_bytes for c in cuts], np.float64)
     transfer = np.asarray(link.transfer_ms(payload), np.float64)
     preds = []
@@ -73,3 +74,46 @@ def predict(a: Analysis, cuts: list[Cut], model: LatencyModel, link: Link, compr
             t = float(link.transfer_ms(c.payload_bytes))
         preds.append(Prediction(float(dev[i]), t, float(srv[i])))
     return preds
+
+
+class MeasuredLatencyModel:
+    """Per-node times from kernels measured on the real target (see backends.profile).
+
+    Kernels a profile lacks, and a side with no profile, fall back to the analytic model;
+    `source` says how much of each side was measured.
+    """
+
+    def __init__(self, fallback: AnalyticLatencyModel, device_kernels: dict[str, float] | None = None,
+                 server_kernels: dict[str, float] | None = None):
+        self.fallback = fallback
+        self.kernels = {DEVICE: device_kernels, SERVER: server_kernels}
+        self.coverage: dict[str, tuple[int, int]] = {}
+
+    @property
+    def source(self) -> str:
+        parts = []
+        for side in (DEVICE, SERVER):
+            if self.kernels[side] is None:
+                parts.append(f"{side} analytic")
+            else:
+                k, n = self.coverage.get(side, (0, 0))
+                parts.append(f"{side} measured ({k}/{n} kernels)")
+        return "; ".join(parts)
+
+    def call_ms(self, side: str) -> float:
+        """Fixed cost of running a half once (VM call, allocation), measured with the kernels."""
+        from nasc.backends.profile import CALL_KEY
+
+        return float((self.kernels[side] or {}).get(CALL_KEY, 0.0))
+
+    def node_ms(self, a: Analysis, side: str) -> np.ndarray:
+        from nasc.backends.profile import kernel_groups, node_ms_from_kernels
+
+        base = self.fallback.node_ms(a, side)
+        kernels = self.kernels[side]
+        if kernels is None:
+            return base
+        ms, known = node_ms_from_kernels(a, kernels)
+        groups = kernel_groups(a)
+        self.coverage[side] = (sum(g.signature in kernels for g in groups), len(groups))
+        return np.where(known, ms, base)

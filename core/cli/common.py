@@ -52,8 +52,36 @@ def parse_link(text: str | None, bandwidth: float | None = None, rtt: float | No
     return link
 
 
-def load_profile(path: str | None, default: HardwareProfile) -> HardwareProfile:
-    return HardwareProfile.load(path) if path else default
+def load_profile(path: str | None, default: HardwareProfile) -> HardwareProfile | dict:
+    """A hardware profile, or a measured kernel profile (dict of signature -> ms) from nasc-profile."""
+    if not path:
+        return default
+    import json
+    from pathlib import Path
+
+    from nasc.backends.profile import PROFILE_FORMAT
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NascError(f"{path}: profile file not found") from None
+    except json.JSONDecodeError as e:
+        raise NascError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(doc, dict) and doc.get("format") == PROFILE_FORMAT:
+        return dict(doc["kernels"])
+    return HardwareProfile.from_json(doc)
+
+
+def latency_model(device, server):
+    """The latency model for two loaded profiles: measured where a kernel profile was given."""
+    from nasc.search.latency import AnalyticLatencyModel, MeasuredLatencyModel
+
+    analytic = AnalyticLatencyModel(device if isinstance(device, HardwareProfile) else defaults.DEFAULT_DEVICE,
+                                    server if isinstance(server, HardwareProfile) else defaults.DEFAULT_SERVER)
+    if isinstance(device, dict) or isinstance(server, dict):
+        return MeasuredLatencyModel(analytic, device if isinstance(device, dict) else None,
+                                    server if isinstance(server, dict) else None)
+    return analytic
 
 
 def consoles(json_mode: bool, quiet: bool) -> tuple[Console, Console]:

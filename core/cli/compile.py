@@ -8,7 +8,7 @@ import json
 from rich.table import Table
 
 from nasc import defaults
-from nasc.cli.common import consoles, human_bytes, load_profile, parse_link, run_main, stdout_write
+from nasc.cli.common import consoles, human_bytes, latency_model, load_profile, parse_link, run_main, stdout_write
 from nasc.errors import NascError
 
 EPILOG = """examples:
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", help="link preset (" + ", ".join(defaults.LINK_PRESETS) + ") or BW_MBIT,RTT_MS")
     p.add_argument("--bandwidth", type=float, metavar="MBIT", help="link bandwidth in Mbit/s")
     p.add_argument("--rtt", type=float, metavar="MS", help="link round-trip time in ms")
-    p.add_argument("--device-profile", metavar="JSON", help="hardware profile file for the device")
-    p.add_argument("--server-profile", metavar="JSON", help="hardware profile file for the server")
+    p.add_argument("--device-profile", metavar="JSON", help="hardware profile, or measured kernel profile from nasc-profile, for the device")
+    p.add_argument("--server-profile", metavar="JSON", help="hardware profile, or measured kernel profile from nasc-profile, for the server")
     p.add_argument("--objective", default="latency", choices=["latency", "pareto"], help="pareto also prints the latency/memory front")
     p.add_argument("--dry-run", action="store_true", help="analyse and choose; compile and write nothing")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check against ONNX Runtime")
@@ -121,8 +121,9 @@ def _run(args, out, err) -> int:
             if args.verbose:
                 out.print(f"[dim]· {msg}[/]")
 
-        p = plan(args.model, split=args.split, input_shapes=shapes, link=link, device_profile=device_profile,
-                 server_profile=server_profile, compress=args.compress, device_memory_bytes=args.device_memory, log=log)
+        p = plan(args.model, split=args.split, input_shapes=shapes, link=link,
+                 latency_model=latency_model(device_profile, server_profile), compress=args.compress,
+                 device_memory_bytes=args.device_memory, log=log)
         summary = p.candidates_json()
         title = (f"{p.source_name}: {len(p.analysis.nodes)} nodes, {summary['total_macs'] / 1e6:,.0f}M MACs, "
                  f"{len(p.cuts)} cuts · link {link.bandwidth_mbit:g} Mbit/s, {link.rtt_ms:g} ms · {p.latency_model.source}")

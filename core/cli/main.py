@@ -11,6 +11,7 @@ COMMANDS = {
     "serve": "nasc.cli.serve",
     "bench": "nasc.cli.bench",
     "run-head": "nasc.cli.run_head",
+    "profile": "nasc.cli.profile",
 }
 
 
