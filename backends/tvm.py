@@ -2,7 +2,7 @@
 
 Each target's pipeline is a readable list of named TVM passes (printed with --verbose),
 built from the same stages as TVM's own cpu_generic and cuda pipelines; CPU targets add
-nasc's default schedules when available.
+nasc's default schedules (backends/cpu_schedules.py), so untuned code is close to ORT.
 """
 
 from __future__ import annotations
@@ -49,12 +49,10 @@ def import_onnx(model: ModelProto, where: str = "model"):
 
 
 def _cpu_extra(target) -> tuple[list, list]:
-    try:
-        from nasc.backends import cpu_schedules
-    except ImportError:
-        return [], []
-    layout = getattr(cpu_schedules, "cpu_layout_passes", lambda t: [])(target)
-    return list(layout), list(cpu_schedules.cpu_schedule_passes(target))
+    """nasc's default CPU schedules: layout passes before LegalizeOps, rules after FuseTIR."""
+    from nasc.backends import cpu_schedules
+
+    return list(cpu_schedules.cpu_layout_passes(target)), list(cpu_schedules.cpu_schedule_passes(target))
 
 
 def pipeline(target: Target) -> list[tuple[str, object]]:

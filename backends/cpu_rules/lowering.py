@@ -1,0 +1,210 @@
+"""Relax-level lowering the default CPU schedules rely on.
+
+Blocked-layout conv2d (which TVM's LegalizeOps cannot lower) and constant-weight matmul become
+TIR with a layout the schedule rules tile well; ReLU6 is made visible to ConvertLayout again.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, s_tir, te, tirx, topi
+from tvm.relax import PyExprMutator, expr_functor
+
+CONV_BLOCK_NAME = "nasc_conv2d_nchwc"
+MATMUL_BLOCK_NAME = "nasc_matmul_packed"
+
+
+def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, groups: int,
+                 out_dtype: str) -> te.Tensor:
+    """conv2d of data [N, C/c, H, W, c] with kernel [O/o, I/groups, KH, KW, o]: [N, O/o, H', W', o].
+
+    Accumulates in `out_dtype` (int8 data with int32 out_dtype stays exact)."""
+    _, _, height, width, c_block = (int(d) for d in data.shape)
+    o_chunks, in_per_group, kh, kw, o_block = (int(d) for d in kernel.shape)
+    out_per_group = o_chunks * o_block // groups
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    if any(padding):
+        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="pad_temp")
+    out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    rc = te.reduce_axis((0, in_per_group), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+
+    def in_channel(co, ci):
+        """(chunk, lane) of the input channel; the common cases are spelled out so that the
+        vectoriser sees contiguous lanes instead of a div/mod gather."""
+        if groups == 1:
+            return rc // c_block, rc % c_block
+        if in_per_group == 1 and out_per_group == 1 and o_block == c_block:
+            return co, ci
+        c = (co * o_block + ci) // out_per_group * in_per_group + rc
+        return c // c_block, c % c_block
+
+    def compute(n, co, y, x, ci):
+        chunk, lane = in_channel(co, ci)
+        pixel = data[n, chunk, y * sh + ry * dh, x * sw + rx * dw, lane]
+        return te.sum(pixel.astype(out_dtype) * kernel[co, rc, ry, rx, ci].astype(out_dtype),
+                      axis=[rc, ry, rx])
+
+    return te.compute((data.shape[0], o_chunks, out_h, out_w, o_block), compute,
+                      name=CONV_BLOCK_NAME)
+
+
+def _scalar_min_max(func: tirx.PrimFunc):
+    """relax.maximum/minimum if `func` is out[i] = max/min(a[i], b[()]), else None.
+
+    The ONNX importer emits Clip (ReLU6) as such TIR calls; ConvertLayout cannot see through
+    them and would wrap every ReLU6 in two layout transforms.
+    """
+    body = func.body
+    while isinstance(body, (s_tir.SBlockRealize, s_tir.SBlock, tirx.For)):
+        if isinstance(body, s_tir.SBlockRealize):
+            body = body.block
+        if isinstance(body, s_tir.SBlock) and body.name_hint != "root":
+            break
+        body = body.body
+    if not (isinstance(body, s_tir.SBlock) and isinstance(body.body, tirx.BufferStore)):
+        return None
+    value, store = body.body.value, body.body
+    ops = {tirx.Max: relax.op.maximum, tirx.Min: relax.op.minimum}
+    if type(value) not in ops or len(func.params) != 3:
+        return None
+    a, b = value.a, value.b
+    if not (isinstance(a, tvm.ir.TensorLoad) and isinstance(b, tvm.ir.TensorLoad)
+            and not a.source.same_as(b.source)
+            and len(b.indices) == 0 and len(a.indices) == len(store.indices)
+            and all(x.same_as(y) for x, y in zip(a.indices, store.indices))):
+        return None
+    return ops[type(value)]
+
+
+@expr_functor.mutator
+class _ScalarMinMaxRecoverer(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+            return call
+        func = self.builder_.get()[call.args[0]]
+        op = _scalar_min_max(func) if isinstance(func, tirx.PrimFunc) else None
+        if op is None or len(call.args[1].fields) != 2:
+            return call
+        # max/min commute, so only "one tensor, one scalar" matters, not the argument order.
+        ranks = sorted((arg.ty.ndim, i) for i, arg in enumerate(call.args[1].fields))
+        if [r for r, _ in ranks][0] != 0 or ranks[1][0] == 0:
+            return call
+        return op(call.args[1].fields[ranks[1][1]], call.args[1].fields[ranks[0][1]])
+
+
+@tvm.transform.module_pass(opt_level=0, name="RecoverScalarMinMax")
+class _RecoverScalarMinMax:
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        recoverer = _ScalarMinMaxRecoverer(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                recoverer.builder_.update_func(gvar, recoverer.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(recoverer.builder_.get())
+
+
+def _blocked_layout(layout: str) -> bool:
+    return layout.startswith("NCHW") and layout.endswith("c") and len(layout) > len("NCHWc")
+
+
+def matmul_packed(x: te.Tensor, w_panels: te.Tensor, out_dtype: str) -> te.Tensor:
+    """x [..., M, K] times a weight packed as column panels [N/p, K, p]: [..., M, N].
+
+    Each panel is one contiguous K x p block, so the inner loop streams it linearly instead of
+    touching a new cache line (and often a new page) for every k."""
+    k_total = int(x.shape[-1])
+    panels, _, panel = (int(d) for d in w_panels.shape)
+    k = te.reduce_axis((0, k_total), name="k")
+
+    def compute(*idx):
+        *lead, j = idx
+        return te.sum(x[(*lead, k)].astype(out_dtype)
+                      * w_panels[j // panel, k, j % panel].astype(out_dtype), axis=k)
+
+    return te.compute((*x.shape[:-1], panels * panel), compute, name=MATMUL_BLOCK_NAME)
+
+
+def _out_dtype(call: relax.Call) -> str:
+    out_dtype = str(call.attrs.out_dtype) if call.attrs.out_dtype is not None else ""
+    if out_dtype in ("", "void", "None"):  # unset: accumulate in the input dtype
+        out_dtype = str(call.args[0].ty.dtype)
+    return out_dtype
+
+
+def _static_shape(expr: relax.Expr) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+@expr_functor.mutator
+class _CpuOpLowerer(PyExprMutator):
+    """Lowers NCHW{c}c conv2d (which LegalizeOps cannot) and constant-weight matmul to TIR."""
+
+    def __init__(self, mod: tvm.IRModule, panel: int):
+        super().__init__(mod)
+        self.panel = panel
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        if call.op.name == "relax.nn.conv2d":
+            return self._conv2d(call)
+        if call.op.name == "relax.matmul":
+            return self._matmul(call)
+        return call
+
+    def _conv2d(self, call: relax.Call) -> relax.Expr:
+        attrs = call.attrs
+        if not (_blocked_layout(attrs.data_layout) and attrs.data_layout == attrs.out_layout
+                and attrs.kernel_layout.startswith("OIHW") and attrs.kernel_layout.endswith("o")):
+            return call
+        ints = lambda xs: [int(x) for x in xs]  # noqa: E731
+        return self.builder_.call_te(conv2d_nchwc, call.args[0], call.args[1],
+                                     ints(attrs.strides), ints(attrs.padding),
+                                     ints(attrs.dilation), int(attrs.groups), _out_dtype(call),
+                                     primfunc_name_hint="conv2d_nchwc")
+
+    def _matmul(self, call: relax.Call) -> relax.Expr:
+        x, w = call.args
+        x_shape, w_shape = _static_shape(x), _static_shape(w)
+        if not (isinstance(w, tvm.ir.expr.Constant) and x_shape and w_shape and len(w_shape) == 2
+                and len(x_shape) >= 2):
+            return call
+        # Two vectors wide when N allows, else one (ResNet's 1000 classes are 8 x 125).
+        panel = next((p for p in (self.panel, self.panel // 2) if w_shape[1] % p == 0), 0)
+        if not panel:
+            return call
+        # A layout_transform of a constant: FoldConstant packs the weight at compile time.
+        packed = self.builder_.emit(relax.op.layout_transform(
+            w, index_map=lambda k, n: (n // panel, k, n % panel)))
+        return self.builder_.call_te(matmul_packed, x, packed, _out_dtype(call),
+                                     primfunc_name_hint="matmul_packed")
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerCpuOps")
+class _LowerCpuOps:
+    def __init__(self, panel: int):
+        self.panel = panel
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        lowerer = _CpuOpLowerer(mod, self.panel)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                lowerer.builder_.update_func(gvar, lowerer.visit_expr(func))
+        return lowerer.builder_.get()
+
+
+def lowering_passes(channel_block: int, matmul_panel: int) -> list[tvm.transform.Pass]:
+    """Relax passes, before LegalizeOps: NCHW{channel_block}c convs, packed matmul weights."""
+    layouts = {"relax.nn.conv2d": [f"NCHW{channel_block}c", f"OIHW{channel_block}o"]}
+    # FoldConstant first turns Gemm's transposed weight into a plain constant the matmul
+    # lowering can pack.
+    return [relax.transform.FoldConstant(), _RecoverScalarMinMax(),
+            relax.transform.ConvertLayout(layouts), _LowerCpuOps(matmul_panel)]

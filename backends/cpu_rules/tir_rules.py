@@ -1,0 +1,336 @@
+"""dlight-style TIR schedule rules for CPUs: register-tiled conv (NCHWc and NCHW) and matmul,
+vectorised pooling/reductions, and a safe parallel + vectorise fallback for everything else.
+
+Every rule works on a fresh schedule and declines (returns None) when a primitive does not
+apply, so a PrimFunc it does not recognise reaches the next rule untouched.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.sym.analyzer import Analyzer
+
+from .lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME
+from .vector_spec import CpuVectorSpec
+
+# Rows per matmul register tile: 6 rows x 2 vectors = 12 accumulators of the 16 AVX2 registers.
+MATMUL_ROW_TILE = 6
+# Loops shorter than this are not worth a parallel region (thread wake-up costs ~microseconds).
+MIN_PARALLEL_EXTENT = 2
+# Parallel chunks wanted from an elementwise/pooling loop nest: a few per thread balances load
+# without fusing every loop (whose index div/mod would then run per element).
+PARALLEL_CHUNKS = 64
+# A primitive that does not apply raises ScheduleError (a RuntimeError); internal checks raise
+# other RuntimeErrors; symbolic extents surface as TypeError in the tile arithmetic. Either
+# way the rule declines and the next one gets the PrimFunc.
+_SCHEDULE_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def default_rules(spec: CpuVectorSpec) -> list[ScheduleRule]:
+    """The rules in priority order: the first that recognises a PrimFunc schedules it."""
+    return [_rule("ConvNCHWc", _schedule_conv_nchwc, spec),
+            _rule("ConvNCHW", _schedule_conv_nchw, spec),
+            _rule("Matmul", _schedule_matmul, spec),
+            _rule("Fallback", _schedule_fallback, spec)]
+
+
+def _rule(name: str, schedule_fn, spec: CpuVectorSpec) -> ScheduleRule:
+    """Wraps `schedule_fn(sch, spec) -> bool` as a rule; a failed primitive means 'not mine'."""
+
+    def apply(func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            return sch if schedule_fn(sch, spec) else None
+        except _SCHEDULE_ERRORS:
+            return None
+
+    return ScheduleRule.from_callable(name)(apply)
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _iter_kinds(sch: s_tir.Schedule, block) -> str:
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(iv.iter_type, "O") for iv in sch.get(block).iter_vars)
+
+
+def _domain(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(iv.dom.extent) for iv in sch.get(block).iter_vars]
+
+
+def _root_blocks(sch: s_tir.Schedule) -> list:
+    return list(sch.get_child_blocks(get_root_block(sch)))
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _find_block(sch: s_tir.Schedule, predicate):
+    found = [b for b in _root_blocks(sch) if predicate(b)]
+    return found[0] if len(found) == 1 else None
+
+
+def _inline_epilogue(sch: s_tir.Schedule, write_back) -> None:
+    """Folds the elementwise consumers (bias, residual add, relu, clip) into the write-back."""
+    while True:
+        consumers = sch.get_consumers(write_back)
+        if len(consumers) != 1 or "R" in _iter_kinds(sch, consumers[0]):
+            return
+        # A consumer over a smaller domain (the crop after pad_einsum) must stay separate:
+        # inlined, its bounds check would be lost and the tile would write out of bounds.
+        if _domain(sch, consumers[0]) != _domain(sch, write_back):
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except _SCHEDULE_ERRORS:
+            return
+
+
+def _tile_accumulator(sch: s_tir.Schedule, block, tile_loop, reduce_loop, parallel_loops: list):
+    """Accumulate in a register tile, write back (with the epilogue) per tile, vectorise.
+
+    The innermost two loops of `block` must already be the (unrolled) row and vector loops.
+    """
+    write_back = sch.cache_write(block, 0, "local")
+    _inline_epilogue(sch, write_back)
+    sch.reverse_compute_at(write_back, tile_loop, preserve_unit_loops=True)
+    # parallel() needs a complete reduction block, so it precedes decompose_reduction.
+    _parallel(sch, parallel_loops)
+    init = sch.decompose_reduction(block, reduce_loop)
+    for stage in (init, write_back):
+        loops = sch.get_loops(stage)
+        sch.vectorize(loops[-1])
+        sch.unroll(loops[-2])
+    return write_back
+
+
+def _parallel(sch: s_tir.Schedule, loops: list):
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = _extent(sch, fused)
+    if extent is None or extent >= MIN_PARALLEL_EXTENT:
+        sch.parallel(fused)
+    return fused
+
+
+def _schedule_conv_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
+    conv = _find_block(sch, lambda b: sch.get(b).name_hint.startswith(CONV_BLOCK_NAME))
+    if conv is None or _iter_kinds(sch, conv) != "SSSSSRRR":
+        return False
+    n, co, oh, ow, ci, rc, ry, rx = sch.get_loops(conv)
+    cols = _largest_divisor(_extent(sch, ow), spec.conv_tile_cols)
+    owo, owi = sch.split(ow, [None, cols])
+    c_block, in_channels = _extent(sch, ci), _extent(sch, rc)
+    if in_channels % c_block == 0 and in_channels > c_block:
+        rco, rci = sch.split(rc, [None, c_block])
+        sch.reorder(n, co, oh, owo, rco, ry, rx, rci, owi, ci)
+    else:
+        rco = rc
+        sch.reorder(n, co, oh, owo, rco, ry, rx, owi, ci)
+    sch.unroll(owi)
+    sch.vectorize(ci)
+    _tile_accumulator(sch, conv, owo, rco, [n, co, oh])
+    _schedule_remaining(sch, spec, skip=[conv])
+    return True
+
+
+def _schedule_conv_nchw(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
+    """Plain NCHW conv (e.g. a 3-channel stem): pack the weight to OIHWo in-kernel, vectorise o."""
+    conv = _find_block(sch, lambda b: sch.get(b).name_hint == "conv2d_nchw")
+    if conv is None or _iter_kinds(sch, conv) != "SSSSRRR":
+        return False
+    block_o = spec.channel_block
+    n, oc, oh, ow, rc, ry, rx = sch.get_loops(conv)
+    if _extent(sch, oc) % block_o != 0:
+        return False
+    weight_index = _weight_read_index(sch, conv)
+    packed = sch.cache_read(conv, weight_index, "global")
+    sch.transform_layout(packed, ("write", 0),
+                         lambda o, i, h, w: (o // block_o, i, h, w, o % block_o))
+    oco, oci = sch.split(oc, [None, block_o])
+    cols = _largest_divisor(_extent(sch, ow), spec.conv_tile_cols)
+    owo, owi = sch.split(ow, [None, cols])
+    sch.reorder(n, oco, oh, owo, rc, ry, rx, owi, oci)
+    sch.unroll(owi)
+    sch.vectorize(oci)
+    _tile_accumulator(sch, conv, owo, rc, [n, oco, oh])
+    _schedule_remaining(sch, spec, skip=[conv])
+    return True
+
+
+def _weight_read_index(sch: s_tir.Schedule, conv) -> int:
+    """topi's conv2d_nchw reads (padded data, weight), in that order."""
+    return len(sch.get(conv).reads) - 1
+
+
+def _schedule_matmul(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
+    """C[..., i, j] += A[..., i, k] * B[..., k, j] (j contiguous in B and C), or the packed
+    form B[j // p, k, j % p]: rows x cols register tiles over column panels."""
+    block = _find_block(sch, lambda b: "R" in _iter_kinds(sch, b))
+    if block is None:
+        return False
+    stmt = sch.get(block)
+    kinds = _iter_kinds(sch, block)
+    if not (kinds.endswith("SSR") and kinds.count("R") == 1 and len(stmt.reads) == 2):
+        return False
+    j_var, k_var = stmt.iter_vars[-2].var, stmt.iter_vars[-1].var
+    lhs, rhs = stmt.reads
+    packed = stmt.name_hint.startswith(MATMUL_BLOCK_NAME)
+    if not (lhs.region[-1].min.same_as(k_var)
+            and (packed or rhs.region[-1].min.same_as(j_var))):
+        return False
+    *batch, i, j, k = sch.get_loops(block)
+    i_ext, j_ext = _extent(sch, i), _extent(sch, j)
+    if i_ext is None or j_ext is None:
+        return False
+    if packed:
+        cols = int(rhs.source.shape[-1])  # the panel width, so j % p becomes the lane index
+    else:
+        cols = next((c for c in (spec.matmul_cols, spec.lanes) if j_ext % c == 0), 0)
+        if not cols:
+            # Odd widths (197 attention keys) are padded up to whole vectors: an O(n^2) copy
+            # against O(n^3) work keeps the inner loop a clean vector FMA.
+            cols = spec.matmul_cols
+            sch.pad_einsum(block, [1] * (len(batch) + 1) + [cols, 1])
+            *batch, i, j, k = sch.get_loops(block)
+    rows = _largest_divisor(i_ext, MATMUL_ROW_TILE)
+    if rows * 2 <= min(i_ext, MATMUL_ROW_TILE):
+        rows = MATMUL_ROW_TILE  # e.g. 197 (prime) tokens: a predicated last tile, not 1-row tiles
+    jo, ji = sch.split(j, [None, cols])
+    io, ii = sch.split(i, [None, rows])
+    # Column panels outermost: a K x cols panel of B stays in L2 while all row tiles use it.
+    sch.reorder(*batch, jo, io, k, ii, ji)
+    sch.unroll(ii)
+    sch.vectorize(ji)
+    _tile_accumulator(sch, block, io, k, [*batch, jo, io])
+    _schedule_remaining(sch, spec, skip=[block])
+    return True
+
+
+def _schedule_fallback(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
+    _schedule_remaining(sch, spec, skip=[])
+    return True
+
+
+def _schedule_remaining(sch: s_tir.Schedule, spec: CpuVectorSpec, skip: list) -> None:
+    """Inline pure elementwise chains, then parallelise/vectorise each remaining root block."""
+    scheduled_nests = [sch.get(sch.get_loops(b)[0]) for b in skip if sch.get_loops(b)]
+
+    def untouched() -> list:
+        # Blocks already placed inside a scheduled loop nest (write-backs, inits) are done.
+        return [b for b in _root_blocks(sch) if not (sch.get_loops(b) and any(
+            sch.get(sch.get_loops(b)[0]).same_as(nest) for nest in scheduled_nests))]
+
+    skip_names = {sch.get(b).name_hint for b in skip}
+    blocks = untouched()
+    for block in blocks[:-1]:
+        consumers = [sch.get(c).name_hint for c in sch.get_consumers(block)]
+        # Padding stays a separate pass: inlined into a conv it puts a branch in the inner loop.
+        if consumers and not skip_names.intersection(consumers) and "R" not in _iter_kinds(
+                sch, block):
+            try:
+                sch.compute_inline(block)
+            except _SCHEDULE_ERRORS:
+                pass
+    for block in untouched():
+        try:
+            if "R" in _iter_kinds(sch, block):
+                _schedule_reduction(sch, block, spec)
+            else:
+                _schedule_spatial(sch, block, spec)
+        except _SCHEDULE_ERRORS:
+            continue
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def _contiguous_in_all_buffers(sch: s_tir.Schedule, block, iter_index: int) -> bool:
+    """True when block iter `iter_index` moves only the last index of every buffer, with unit
+    stride: vectorising it then gives plain vector loads/stores. Strided or scattered lanes
+    (stride-2 pooling windows, layout transforms) are slower as gathers than as LLVM's own
+    scalar code, so those loops are left alone."""
+    stmt = sch.get(block)
+    var = stmt.iter_vars[iter_index].var
+    for region in list(stmt.reads) + list(stmt.writes):
+        *outer, last = region.region
+        if any(_uses(r.min, var) for r in outer):
+            return False
+        offset = Analyzer().simplify(last.min - var)
+        if _uses(last.min, var) and _uses(offset, var):
+            return False
+    return True
+
+
+def _parallel_outer(sch: s_tir.Schedule, loops: list):
+    """Parallelise the fewest outer loops that give every thread several chunks; the inner
+    loops stay intact (cheap index math, and LLVM can still vectorise them)."""
+    count, total = 0, 1
+    for loop in loops:
+        extent = _extent(sch, loop)
+        if extent is None:
+            break
+        count, total = count + 1, total * extent
+        if total >= PARALLEL_CHUNKS:
+            break
+    return _parallel(sch, loops[:max(count, 1)])
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block, spec: CpuVectorSpec) -> None:
+    loops = sch.get_loops(block)
+    if not loops or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
+        return
+    if len(loops) != len(sch.get(block).iter_vars):
+        _parallel_outer(sch, loops)
+        return
+    inner = _extent(sch, loops[-1])
+    outer = list(loops)
+    if inner is not None and inner % spec.lanes == 0 and _contiguous_in_all_buffers(
+            sch, block, len(loops) - 1):
+        rest, vec = sch.split(loops[-1], [None, spec.lanes])
+        sch.vectorize(vec)
+        outer = list(loops[:-1]) + [rest]
+    _parallel_outer(sch, outer)
+
+
+def _fuse_epilogue_into(sch: s_tir.Schedule, block, loop) -> None:
+    """Runs an elementwise consumer (the divide of an average pool) in `block`'s parallel loop:
+    one parallel region instead of two, which matters most on a busy machine."""
+    consumers = sch.get_consumers(block)
+    if len(consumers) != 1 or "R" in _iter_kinds(sch, consumers[0]):
+        return
+    try:
+        sch.reverse_compute_at(consumers[0], loop)
+        sch.vectorize(sch.get_loops(consumers[0])[-1])
+    except _SCHEDULE_ERRORS:
+        return
+
+
+def _schedule_reduction(sch: s_tir.Schedule, block, spec: CpuVectorSpec) -> None:
+    """Pooling-like reductions: spatial loops outside, reductions, then a vector channel loop."""
+    kinds = _iter_kinds(sch, block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds) or kinds.rstrip("R").count("R") or "S" not in kinds:
+        return
+    n_spatial = kinds.index("R")
+    spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+    inner = _extent(sch, spatial[-1])
+    vectorizable = (inner is not None and inner % spec.lanes == 0 and len(spatial) > 1
+                    and _contiguous_in_all_buffers(sch, block, n_spatial - 1))
+    if vectorizable:
+        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        sch.vectorize(spatial[-1])
+        outer = _parallel(sch, spatial[:-1])  # before decompose_reduction, which leaves no init
+        init = sch.decompose_reduction(block, reduce[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        _fuse_epilogue_into(sch, block, outer)
+    else:
+        _parallel_outer(sch, spatial)
