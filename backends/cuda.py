@@ -3,7 +3,8 @@
 TVM's CUDA codegen leaves CUDA C source in the module and compiles it when the server
 loads the library. nasc instead runs nvcc here (cross-compiling for the target's sm_XX,
 plus PTX for newer GPUs) and packs the fatbin into the exported library in place of the
-source, through export_library's `fpack_imports` hook.
+source, through export_library's `fpack_imports` hook: the patched blob is linked in with
+an assembler `.incbin`, not as a C array (the blob holds the weights too).
 
 The packed-imports blob is a u64 total length, the import tree, then one entry per module:
 a length-prefixed key and a length-prefixed body. A "cuda" body is three fields:
@@ -13,7 +14,6 @@ format string, function map, data. Only format ("cuda" -> "fatbin") and data cha
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -89,17 +89,22 @@ def _last_field(body: bytes) -> int:
     raise ValueError("malformed CUDA module body")
 
 
-def _blob_from_c(c_text: str) -> tuple[str, bytes, str]:
-    start = c_text.index("= {") + 3
-    end = c_text.rindex("};")
-    data = bytes(int(x, 16) for x in re.findall(r"0x([0-9a-fA-F]{2})", c_text[start:end]))
-    return c_text[:start], data, c_text[end:]
+def _blob_from_c(c_text: str) -> tuple[str, bytes]:
+    """(symbol name, bytes) of the byte array TVM's ModulePackImportsToC emits.
+
+    Weights live in the blob, so the text can be hundreds of MB: parse it with str methods.
+    """
+    decl_end = c_text.index("= {")
+    symbol = c_text[:decl_end].rsplit("const unsigned char", 1)[1].split("[")[0].strip()
+    body = c_text[decl_end + 3:c_text.rindex("};")]
+    return symbol, bytes.fromhex("".join(body.replace("0x", "").replace(",", " ").split()))
 
 
-def _blob_to_c(head: str, blob: bytes, tail: str) -> str:
-    head = re.sub(r"__tvm_ffi__library_bin\[\d+\] = \{$", f"__tvm_ffi__library_bin[{len(blob)}] = {{", head)
-    rows = (",".join(f"0x{b:02x}" for b in blob[i:i + 20]) for i in range(0, len(blob), 20))
-    return head + "\n  " + ",\n  ".join(rows) + ",\n" + tail
+def _blob_asm(symbol: str, blob_path: Path) -> str:
+    """Assembly that defines `symbol` as the blob's bytes (the C compiler assembles it with .incbin)."""
+    return (f"\t.section .rodata\n\t.global {symbol}\n\t.type {symbol}, @object\n\t.balign 16\n"
+            f"{symbol}:\n\t.incbin \"{blob_path}\"\n\t.size {symbol}, .-{symbol}\n"
+            "\t.section .note.GNU-stack,\"\",@progbits\n")
 
 
 def fatbin_packer(arch: str):
@@ -111,10 +116,12 @@ def fatbin_packer(arch: str):
         sources = [m.inspect_source() for m in _cuda_modules(module)]
         with tempfile.TemporaryDirectory() as tmp:
             fatbin = nvcc_fatbin("\n".join(sources), arch, Path(tmp))
-        head, blob, tail = _blob_from_c(_ffi_api.ModulePackImportsToC(module, is_system_lib, prefix))
-        path = os.path.join(workspace_dir, f"{prefix}devc.c")
+        symbol, blob = _blob_from_c(_ffi_api.ModulePackImportsToC(module, is_system_lib, prefix))
+        blob_path = Path(workspace_dir) / f"{prefix}devc.bin"
+        blob_path.write_bytes(replace_cuda_source(blob, fatbin))
+        path = os.path.join(workspace_dir, f"{prefix}devc.S")
         with open(path, "w") as f:
-            f.write(_blob_to_c(head, replace_cuda_source(blob, fatbin), tail))
+            f.write(_blob_asm(symbol, blob_path.resolve()))
         return path
 
     return pack

@@ -1,10 +1,10 @@
 """backends.cuda: the packed-imports blob keeps its structure when CUDA source becomes a fatbin."""
 
-import struct
+import subprocess
 
 import pytest
 
-from nasc.backends.cuda import _U64, _blob_from_c, _blob_to_c, _string, replace_cuda_source
+from nasc.backends.cuda import _U64, _blob_asm, _blob_from_c, _string, replace_cuda_source
 
 
 def blob(modules):
@@ -42,13 +42,19 @@ def test_blob_without_cuda_is_an_error():
         replace_cuda_source(blob([(b"llvm", b"x")]), b"f")
 
 
-def test_c_roundtrip():
+def test_blob_parsed_from_c_and_linked_as_assembly(tmp_path):
     data = bytes(range(256)) * 3
-    c = ("#include <x>\nconst unsigned char __tvm_ffi__library_bin[768] = {\n  "
+    c = ("#include <x>\nTVM_EXPORT extern const unsigned char __tvm_ffi__library_bin[];\n"
+         "const unsigned char __tvm_ffi__library_bin[768] = {\n  "
          + ",".join(f"0x{x:02x}" for x in data) + ",\n};\n#ifdef __cplusplus\n}\n#endif\n")
-    head, parsed, tail = _blob_from_c(c)
-    assert parsed == data
-    again = _blob_to_c(head, parsed + b"\x07", tail)
-    assert "__tvm_ffi__library_bin[769]" in again
-    assert _blob_from_c(again)[1] == data + b"\x07"
-    assert struct.calcsize("<Q") == 8
+    symbol, parsed = _blob_from_c(c)
+    assert symbol == "__tvm_ffi__library_bin" and parsed == data
+    blob = tmp_path / "devc.bin"
+    blob.write_bytes(parsed)
+    asm = tmp_path / "devc.S"
+    asm.write_text(_blob_asm(symbol, blob))
+    obj = tmp_path / "devc.o"
+    subprocess.run(["cc", "-c", str(asm), "-o", str(obj)], check=True)
+    syms = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout
+    assert " R __tvm_ffi__library_bin" in syms
+    assert data in obj.read_bytes()
