@@ -93,17 +93,33 @@ def pipeline(target: Target) -> list[tuple[str, object]]:
     )
 
 
-def compile_model(model: ModelProto, target: Target, where: str = "model", log: Callable[[str], None] | None = None):
-    """Compile one ONNX half for `target`; returns a TVM relax Executable."""
+def with_tuning_database(steps: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """`steps` with MetaSchedule's best schedules applied right after fusion, before the default schedules."""
+    from tvm import relax
+
+    at = next(i for i, (name, _) in enumerate(steps) if name == "fuse-tir") + 1
+    return steps[:at] + [("apply-tuning-db", relax.transform.MetaScheduleApplyDatabase())] + steps[at:]
+
+
+def compile_model(model: ModelProto, target: Target, where: str = "model", log: Callable[[str], None] | None = None,
+                  database=None):
+    """Compile one ONNX half for `target`; returns a TVM relax Executable.
+
+    With a MetaSchedule `database` (see nasc.backends.tuning) its tuned kernels replace the
+    default schedules; kernels it lacks keep them.
+    """
+    import contextlib
+
     import tvm
 
     mod = import_onnx(model, where)
-    steps = pipeline(target)
     t = target.tvm()
+    with t:  # the database pass reads the current target when it is made
+        steps = pipeline(target) if database is None else with_tuning_database(pipeline(target))
 
     @tvm.transform.module_pass(opt_level=0, name="nasc_pipeline")
     def _run(mod, _ctx):
-        with t:
+        with t, (database if database is not None else contextlib.nullcontext()):
             for name, p in steps:
                 if log:
                     log(name)

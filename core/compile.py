@@ -295,6 +295,7 @@ def compile_model(
     device_memory_bytes: int | None = None,
     calib: int | str | Path = defaults.CALIB_SAMPLES,
     verify: bool = True,
+    tuning_db: str | Path | None = None,
     log: Log = _quiet,
 ) -> dict:
     """Build the artifact for one split into `out_dir` and return its manifest.
@@ -304,6 +305,9 @@ def compile_model(
 
     With verify (the default) head-then-tail is checked against ONNX Runtime on the original
     model; a float split beyond tolerance raises VerificationError and writes nothing.
+
+    With `tuning_db` (a `nasc-tune --db` directory) each half uses the records tuned for its
+    target, when there are any; the manifest lists its tuned and untuned kernels.
     """
     from nasc.backends import artifacts
     from nasc.backends.targets import resolve_target
@@ -354,6 +358,7 @@ def compile_model(
 
     halves = {"head": head, "tail": tail}
     executables: dict = {}
+    tuning_info: dict = {}
     with artifacts.staging(Path(out_dir)) as tmp:
         for role, m in halves.items():
             if m is None:
@@ -361,6 +366,7 @@ def compile_model(
             (tmp / role).mkdir()
             onnx.save(m, str(tmp / role / "model.onnx"))
         if backend == "tvm":
+            from nasc.backends import tuning
             from nasc.backends import tvm as tvm_backend
 
             tvm_backend.set_threads()
@@ -369,7 +375,10 @@ def compile_model(
                     continue
                 t1 = time.perf_counter()
                 log(f"compile {role} for {targets[role].name}")
-                ex = tvm_backend.compile_model(m, targets[role], where=f"{p.source_name} ({role})")
+                db = tuning.open_database(tuning_db, targets[role]) if tuning_db else None
+                ex = tvm_backend.compile_model(m, targets[role], where=f"{p.source_name} ({role})", database=db)
+                if tuning_db:
+                    tuning_info[role] = tuning.kernel_coverage(m, targets[role], tuning_db, where=f"{p.source_name} ({role})")
                 tvm_backend.export(ex, tmp / role / tvm_backend.LIBRARY_NAME, targets[role])
                 executables[role] = ex
                 timings[f"compile_{role}_s"] = time.perf_counter() - t1
@@ -380,6 +389,8 @@ def compile_model(
             verification = _verify(p, halves, (float_head, float_tail), qparams, executables, targets, backend)
             timings["verify_s"] = time.perf_counter() - t1
         manifest = _manifest(p, halves, targets, backend, compress_info, verification, timings, tmp)
+        for role, info in tuning_info.items():
+            manifest[role]["tuning"] = info
         timings["total_s"] = time.perf_counter() - t0
         manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         manifest = artifacts.write_manifest(tmp, manifest)

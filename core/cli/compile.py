@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-profile", metavar="JSON", help="hardware profile, or measured kernel profile from nasc-profile, for the device")
     p.add_argument("--server-profile", metavar="JSON", help="hardware profile, or measured kernel profile from nasc-profile, for the server")
     p.add_argument("--objective", default="latency", choices=["latency", "pareto"], help="pareto also prints the latency/memory front")
+    p.add_argument("--tuning-db", metavar="DIR", help="apply MetaSchedule records from a nasc-tune --db directory (matching targets only)")
     p.add_argument("--dry-run", action="store_true", help="analyse and choose; compile and write nothing")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check against ONNX Runtime")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -141,7 +142,7 @@ def _run(args, out, err) -> int:
             return 0
         manifest = compile_model(
             p, args.output, compress=args.compress, granularity=args.quant_granularity, device_target=args.device_target,
-            server_target=args.server_target, backend=args.backend, calib=args.calib, verify=not args.no_verify, log=log,
+            server_target=args.server_target, backend=args.backend, calib=args.calib, verify=not args.no_verify, tuning_db=args.tuning_db, log=log,
         )
     _print_result(out, manifest, args.output)
     if args.json:
@@ -173,6 +174,12 @@ def _print_result(out, m: dict, path: str) -> None:
         out.print(f"[green]✓[/] {line}")
     else:
         out.print("[yellow]verification skipped (--no-verify)[/]")
+    for role in ("head", "tail"):
+        t = (m.get(role) or {}).get("tuning")
+        if t is not None:
+            state = f"{len(t['tuned'])} tuned kernels from {t['db']}" if t["db"] else "no tuning records for this target"
+            untuned = f"; untuned: {', '.join(t['untuned'])}" if t["untuned"] else ""
+            out.print(f"{role}: {state}{untuned}")
     files = ", ".join(f for f in m["files"])
     out.print(f"[bold]wrote[/] {path}/manifest.json ({files}) in {m['timings_s']['total_s']:.1f} s")
 

@@ -11,6 +11,7 @@ COMMANDS = {
     "serve": "nasc.cli.serve",
     "bench": "nasc.cli.bench",
     "run-head": "nasc.cli.run_head",
+    "tune": "nasc.cli.tune",
     "profile": "nasc.cli.profile",
 }
 

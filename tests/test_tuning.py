@@ -1,0 +1,166 @@
+"""MetaSchedule tuning DB: keying, records, skipping tuned kernels, budgets, compile with the DB, RPC."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from nasc.backends import ort, tuning
+from nasc.backends.targets import resolve_target
+from nasc.cli.tune import main as tune_main
+from nasc.cli.tune import model_to_tune
+from nasc.errors import NascError
+
+pytestmark = pytest.mark.slow
+
+TRIALS = 2
+ONE_KERNEL_SPLIT = "2"     # tiny's head at cut 2 is one fused conv kernel: the cheapest real tuning
+MANY_KERNEL_SPLIT = "5"    # a few kernels, one of them shared with the head above
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _two_threads(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TVM_NUM_THREADS", "2")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def llvm():
+    return resolve_target("llvm")
+
+
+@pytest.fixture(scope="module")
+def tuned_db(tmp_path_factory, llvm):
+    """One real tuning run of tiny's one-kernel head, shared by the tests below."""
+    db = tmp_path_factory.mktemp("tuning-db")
+    model = model_to_tune("example:tiny", ONE_KERNEL_SPLIT, "head")
+    report = tuning.tune(model, llvm, db, trials=TRIALS)
+    return db, model, report
+
+
+def test_db_key_separates_targets(tmp_path):
+    a = resolve_target({"kind": "llvm", "mcpu": "znver3"})
+    b = resolve_target({"kind": "llvm", "mcpu": "skylake"})
+    c = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "mcpu": "cortex-a72"})
+    d = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "mcpu": "cortex-a76"})
+    keys = {tuning.db_key(t) for t in (a, b, c, d)}
+    assert len(keys) == 4
+    assert tuning.db_key(a) == tuning.db_key(resolve_target({"mcpu": "znver3", "kind": "llvm"}))
+    # native CPU targets also hash this machine's CPU model; cross targets only their dict
+    assert tuning.db_identity(a)["host_cpu"] == tuning.host_cpu_model()
+    assert "host_cpu" not in tuning.db_identity(c)
+    assert tuning.open_database(tmp_path, a) is None
+
+
+def test_parse_rpc():
+    assert tuning.parse_rpc("127.0.0.1:9190:rasp4") == tuning.RpcTracker("127.0.0.1", 9190, "rasp4")
+    for bad in ("host:key", "host:port:key", ":9190:k", "h:9190:"):
+        with pytest.raises(NascError, match="HOST:PORT:KEY"):
+            tuning.parse_rpc(bad)
+
+
+def test_tuning_writes_records(tuned_db, llvm):
+    db, model, report = tuned_db
+    assert report.stopped == "done"
+    assert report.trials_measured >= 1
+    assert all(k.best_s is not None and k.trials >= 1 and not k.skipped for k in report.kernels)
+    path = tuning.db_path(db, llvm)
+    assert (path / tuning.RECORD_FILE).stat().st_size > 0
+    assert json.loads((path / tuning.TARGET_FILE).read_text()) == tuning.db_identity(llvm)
+    times = tuning.tuned_kernel_times(db, llvm)
+    assert {k.workload_key for k in report.kernels} <= set(times)
+    assert all(0 < s < 1 for s in times.values())
+    names = tuning.kernel_names(db, llvm)
+    assert {names[k.workload_key] for k in report.kernels} == {k.name for k in report.kernels}
+
+
+def test_rerun_skips_tuned_kernels(tuned_db, llvm):
+    db, model, first = tuned_db
+    records_before = (tuning.db_path(db, llvm) / tuning.RECORD_FILE).read_text()
+    again = tuning.tune(model, llvm, db, trials=TRIALS)
+    assert again.stopped == "nothing-to-tune"
+    assert again.trials_measured == 0
+    assert all(k.skipped for k in again.kernels)
+    assert (tuning.db_path(db, llvm) / tuning.RECORD_FILE).read_text() == records_before
+    # another target never sees these records
+    other = resolve_target({"kind": "llvm", "mcpu": "skylake"})
+    assert tuning.tuned_kernel_times(db, other) == {}
+
+
+def test_compile_with_db_matches_ort_and_reports_kernels(tuned_db, tmp_path):
+    from nasc.backends import tvm as tvm_backend
+    from nasc.compile import compile_model, sample_inputs
+
+    db, model, report = tuned_db
+    m = compile_model("example:tiny", tmp_path / "art", split=ONE_KERNEL_SPLIT, server_target="llvm", tuning_db=db)
+    head = m["head"]["tuning"]
+    assert head["db"] is not None
+    assert set(head["tuned"]) == {k.name for k in report.kernels} and head["untuned"] == []
+    tail = m["tail"]["tuning"]
+    assert tail["tuned"] == [] and tail["untuned"], "the tail's kernels were never tuned"
+    # the compiled head with tuned schedules equals ORT on the same ONNX head
+    lib = tvm_backend.load_library(tmp_path / "art" / "head" / tvm_backend.LIBRARY_NAME)
+    ins = [s["name"] for s in m["head"]["inputs"]]
+    outs = [s["name"] for s in m["head"]["outputs"]]
+    run = tvm_backend.Runner(lib, "cpu", ins, outs)
+    for feeds in sample_inputs(model, 2):
+        want = ort.run(model, feeds)
+        got = run(feeds)
+        for n in outs:
+            np.testing.assert_allclose(got[n], want[n], atol=1e-4, rtol=1e-4)
+
+
+def test_time_budget_keeps_records_and_resumes(tuned_db, llvm):
+    db, _, first = tuned_db
+    model = model_to_tune("example:tiny", MANY_KERNEL_SPLIT, "head")
+    cut_short = tuning.tune(model, llvm, db, trials=TRIALS, time_budget_s=1.0)
+    assert cut_short.stopped == "time-budget"
+    assert 0 < cut_short.trials_measured < TRIALS * sum(not k.skipped for k in cut_short.kernels)
+    shared = {k.workload_key for k in first.kernels}
+    assert any(k.skipped and k.workload_key in shared for k in cut_short.kernels), "a kernel tuned for another head is reused"
+    measured = [k for k in cut_short.kernels if not k.skipped and k.trials > 0]
+    assert measured, "the batch measured before the budget ran out was committed"
+    # what was committed is in the DB a fresh process would open, and finished kernels are not redone
+    assert {k.workload_key for k in measured} <= set(tuning.tuned_kernel_times(db, llvm))
+    done = {k.workload_key for k in measured if k.trials >= TRIALS}
+    resumed = tuning.tune(model, llvm, db, trials=TRIALS, time_budget_s=1.0)
+    assert all(k.skipped for k in resumed.kernels if k.workload_key in done | shared)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rpc_loopback_tuning(tmp_path, llvm):
+    pytest.importorskip("tornado", reason="the RPC tracker needs tornado")
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    port = _free_port()
+    tracker = Tracker(host="127.0.0.1", port=port, port_end=port + 1, silent=True)
+    server = rpc.Server(host="127.0.0.1", port=_free_port(), port_end=65000, tracker_addr=("127.0.0.1", tracker.port),
+                        key="nasc-test", silent=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not rpc.connect_tracker("127.0.0.1", tracker.port).summary()["server_info"]:
+            assert time.monotonic() < deadline, "the RPC server never registered with the tracker"
+            time.sleep(0.2)
+        code = tune_main(["example:tiny", "--target", "llvm", "--db", str(tmp_path), "--split", ONE_KERNEL_SPLIT,
+                          "--trials", str(TRIALS), "--rpc", f"127.0.0.1:{tracker.port}:nasc-test", "-q"])
+        assert code == 0
+        times = tuning.tuned_kernel_times(tmp_path, llvm)
+        assert times and all(0 < s < 1 for s in times.values())
+        # a key no server registered is one clear error, not a hang
+        assert tune_main(["example:tiny", "--target", "llvm", "--db", str(tmp_path / "x"), "--split", ONE_KERNEL_SPLIT,
+                          "--rpc", f"127.0.0.1:{tracker.port}:no-such-device", "-q"]) == 2
+    finally:
+        server.terminate()
+        tracker.terminate()
