@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -25,6 +26,13 @@ def run_main(fn: Callable[[], int], err: Console) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         return 130
+
+
+def command(parser: "argparse.ArgumentParser", body: Callable, argv: list[str] | None) -> int:
+    """Parse argv, build the consoles from --json/-q, run body(args, out) with one-line errors."""
+    args = parser.parse_args(argv)
+    out, err = consoles(args.json, args.quiet)
+    return run_main(lambda: body(args, out), err)
 
 
 def parse_link(text: str | None, bandwidth: float | None = None, rtt: float | None = None) -> Link:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from nasc.cli.common import consoles, run_main, stdout_write
+from nasc.cli.common import command, stdout_write
 from nasc.errors import NascError
 
 DEFAULT_CHECKED_CUTS = 6
@@ -29,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out, err = consoles(args.json, args.quiet)
-    return run_main(lambda: _run(args, out), err)
+    return command(build_parser(), _run, argv)
 
 
 def checked_cuts(cuts, k: int):

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from nasc.cli.common import consoles, run_main, stdout_write
+from nasc.cli.common import command, stdout_write
 from nasc.errors import NascError
 
 
@@ -23,9 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out, err = consoles(args.json, args.quiet)
-    return run_main(lambda: _run(args, out), err)
+    return command(build_parser(), _run, argv)
 
 
 def _feeds(args, manifest: dict) -> dict[str, np.ndarray]:
