@@ -57,7 +57,6 @@ def _cpu_extra(target) -> tuple[list, list]:
 
 def pipeline(target: Target) -> list[tuple[str, object]]:
     """The named pass list that lowers an imported Relax module for `target`."""
-    import tvm
     from tvm import relax
 
     t = target.tvm()

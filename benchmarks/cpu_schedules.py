@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'model':32s} {'ORT ms':>9s} {'default ms':>11s} {'nasc ms':>9s} "
           f"{'ORT/nasc':>9s} {'default/nasc':>13s} {'max err':>9s}")
-    for name, build in cases.items():
+    for name, make in cases.items():
         if args.only and name not in args.only:
             continue
-        row = measure(name, build(), not args.no_default, args.repeats)
+        row = measure(name, make(), not args.no_default, args.repeats)
         rows.append(row)
         default = f"{row.tvm_default_ms:11.1f}" if row.tvm_default_ms else f"{'-':>11s}"
         speedup = f"{row.default_over_nasc:13.1f}" if row.default_over_nasc else f"{'-':>13s}"

@@ -21,14 +21,14 @@ from onnx import ModelProto
 
 import nasc
 from nasc import defaults
-from nasc.errors import CutError, ModelError, NascError, VerificationError
+from nasc.errors import CutError, NascError, VerificationError
 from nasc.partitioner import DEVICE_ONLY, SERVER_ONLY, SPLIT, Analysis, Cut, analyze, cut_from_tensors, enumerate_cuts, load_model
 from nasc.passes import dequantize_tail, prepare, quant_params, quantize_head, split_model
 from nasc.passes.quantize import QuantParams, is_quantizable
 from nasc.passes.util import get_metadata
 from nasc.search.choose import choose_fastest, pareto_cuts
 from nasc.search.latency import AnalyticLatencyModel, LatencyModel, predict
-from nasc.types import HardwareProfile, Link, Prediction, TensorSpec
+from nasc.types import HardwareProfile, Link, Prediction
 
 SPLIT_METADATA_KEY = "nasc.split"
 Log = Callable[[str], None]
@@ -337,14 +337,17 @@ def compile_model(
         samples = load_calibration(Path(calib), p.original) if isinstance(calib, (str, Path)) and str(calib).endswith(".npz") else sample_inputs(p.original, int(calib))
         from nasc.backends import ort
 
-        head_vals = [ort.run(head, s) for s in samples]
+        float_head_run = ort.Runner(head)
+        head_vals = [float_head_run(s) for s in samples]
         qparams = [
             quant_params(t, [hv[t] for hv in head_vals], granularity == "channel")
             for t in cut.tensors if is_quantizable(p.analysis.specs[t].dtype)
         ]
         head, tail = quantize_head(head, qparams), dequantize_tail(tail, qparams)
-        ref = [ort.run(p.original, s) for s in samples]
-        got = [_run_pair(lambda f: ort.run(head, f), lambda f: ort.run(tail, f), s)[0] for s in samples]
+        original_run = ort.Runner(p.original)
+        ref = [original_run(s) for s in samples]
+        head_run, tail_run = ort.Runner(head), ort.Runner(tail)
+        got = [_run_pair(head_run, tail_run, s)[0] for s in samples]
         err = _compare(ref, got, p.analysis.outputs)
         compress_info = {
             "kind": "int8", "granularity": granularity, "calibration": str(calib) if not str(calib).isdigit() else f"{calib} random-normal samples",
@@ -401,10 +404,11 @@ def _verify(p: Plan, halves: dict, float_halves: tuple, qparams: list[QuantParam
     from nasc.backends import ort
 
     samples = sample_inputs(p.original, defaults.VERIFY_SAMPLES, seed=defaults.SEED + 1)
-    ref = [ort.run(p.original, s) for s in samples]
+    original_run = ort.Runner(p.original)
+    ref = [original_run(s) for s in samples]
     outs = p.analysis.outputs
-    fh, ft = float_halves
-    ort_pair = [_run_pair(fh and (lambda f: ort.run(fh, f)), ft and (lambda f: ort.run(ft, f)), s)[0] for s in samples]
+    fh, ft = (m and ort.Runner(m) for m in float_halves)
+    ort_pair = [_run_pair(fh, ft, s)[0] for s in samples]
     report = {"reference": "onnxruntime on the original model", "samples": len(samples)}
     report["onnx_halves"] = _compare(ref, ort_pair, outs)
     bound = defaults.VERIFY_ATOL + defaults.VERIFY_RTOL * report["onnx_halves"]["output_scale"]
@@ -439,7 +443,8 @@ def _verify(p: Plan, halves: dict, float_halves: tuple, qparams: list[QuantParam
     report["tvm"]["via"] = via
     if qparams:
         # int8: TVM and ORT must agree on the wire bytes to one quantization step.
-        ort_q = [_run_pair(lambda f: ort.run(halves["head"], f), None, s)[1] for s in samples]
+        quantized_head = ort.Runner(halves["head"])
+        ort_q = [quantized_head(s) for s in samples]
         lsb = max(int(np.abs(a[q.wire_name].astype(np.int32) - b[q.wire_name].astype(np.int32)).max()) for (_, a), b in zip(tvm_pair, ort_q) for q in qparams)
         report["tvm"]["wire_max_lsb_diff"] = lsb
         if lsb > 1:

@@ -96,7 +96,6 @@ class _Tensors:
         self.size = np.array([a.specs[n].nbytes for n in self.names], np.int64)
         self.is_output = np.array([n in set(a.outputs) for n in self.names], bool)
         self.is_float = np.array([a.specs[n].dtype in ("float32", "float16", "float64", "bfloat16") for n in self.names], bool)
-        self.channels = np.array([_channels(a.specs[n].shape) for n in self.names], np.int64)
         self.numel = np.array([int(np.prod(a.specs[n].shape, dtype=np.int64)) for n in self.names], np.int64)
         e_t, e_c = [], []
         for n in self.names:
@@ -105,15 +104,6 @@ class _Tensors:
                 e_c.append(c)
         self.edge_t = np.array(e_t, np.int64)
         self.edge_c = np.array(e_c, np.int64)
-
-
-def _channels(shape: tuple[int, ...]) -> int:
-    """The axis int8 per-channel quantization uses: NCHW channels, or the feature axis of tokens."""
-    if len(shape) == 4 or len(shape) == 2:
-        return shape[1]
-    if len(shape) == 3:
-        return shape[-1]
-    return 1
 
 
 def quant_axis(shape: tuple[int, ...]) -> int | None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from nasc.errors import ProtocolError
 from nasc.runtime import protocol as P
-from nasc.runtime.halves import load_half, manifest_hash, quant_of, variant_hash, ORT_VARIANT
+from nasc.runtime.halves import half_runner, load_half, quant_of, wire_hash
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -141,13 +141,13 @@ def connect_split(artifact_dir: str | Path, host: str, port: int, engine: str = 
     """A SplitDevice for an artifact: loads only its head (if any) and addresses its tail."""
     from nasc.runtime.artifact import open_artifact
 
-    man = open_artifact(artifact_dir).manifest
-    base = manifest_hash(artifact_dir)
-    wire_hash = base if engine == "compiled" else variant_hash(base, ORT_VARIANT)
-    head = load_half(artifact_dir, "head", engine)[0] if man.get("head") is not None else None
+    art = open_artifact(artifact_dir)
+    man = art.manifest
+    head = half_runner(art, "head", engine, "cpu") if man.get("head") is not None else None
     tail_inputs = [d["name"] for d in man["tail"]["inputs"]]
     shared = client_kw.pop("shared_clock", True)
-    return SplitDevice(head, DeviceClient(host, port, **client_kw), wire_hash, quant_of(man, tail_inputs), shared)
+    return SplitDevice(head, DeviceClient(host, port, **client_kw), wire_hash(artifact_dir, engine),
+                       quant_of(man, tail_inputs), shared)
 
 
 def run_split(artifact_dir: str | Path, feeds: dict, host: str, port: int) -> dict[str, np.ndarray]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from nasc.backends.artifacts import MANIFEST as MANIFEST_FILE
 from nasc.errors import ArtifactError
-from nasc.types import TensorSpec
+from nasc.runtime.artifact import HALVES, Artifact, open_artifact
 from nasc.runtime.protocol import HASH_BYTES, Quant
+from nasc.types import TensorSpec
 
-MANIFEST_FILE = "manifest.json"
-HALVES = ("head", "tail")
 ORT_VARIANT = b"onnxruntime"
 
 
@@ -106,35 +106,42 @@ def _spec(v) -> TensorSpec:
     return TensorSpec(v.name, shape, _ORT_DTYPES.get(v.type, "float32"))
 
 
-def load_half(artifact_dir: str | Path, half: str, engine: str = "compiled", device: str = "cpu"):
-    """(runner, manifest, hash) for one half, through the artifact API (hashes and target checked):
-    engine "compiled" is the artifact's own runtime (TVM when it has a library), "ort" runs the
-    half's ONNX file with ONNX Runtime under a distinct wire hash."""
-    from nasc.runtime.artifact import open_artifact
-
+def half_runner(art: Artifact, half: str, engine: str, device: str):
+    """One runner of an opened artifact's half: "compiled" is the artifact's own runtime (TVM
+    when it has a library), "ort" runs the half's ONNX file with ONNX Runtime."""
     if half not in HALVES:
         raise ValueError(f"half must be one of {HALVES}")
-    art = open_artifact(artifact_dir)
-    man = art.manifest
-    if man.get(half) is None:
-        raise ArtifactError(f"{artifact_dir}: this split has no {half} (split {man.get('split', {}).get('index')!r})")
-    base = manifest_hash(artifact_dir)
+    if art.manifest.get(half) is None:
+        raise ArtifactError(f"{art.path}: this split has no {half} (split {art.manifest.get('split', {}).get('index')!r})")
     if engine == "compiled":
-        return art.load(half, device=device), man, base
+        return art.load(half, device=device)
     if engine == "ort":
-        return art.load(half, engine="ort"), man, variant_hash(base, ORT_VARIANT)
+        return art.load(half, engine="ort")
     raise ValueError(f"unknown engine {engine!r}")
+
+
+def wire_hash(artifact_dir: str | Path, engine: str) -> bytes:
+    base = manifest_hash(artifact_dir)
+    return base if engine == "compiled" else variant_hash(base, ORT_VARIANT)
+
+
+def load_half(artifact_dir: str | Path, half: str, engine: str = "compiled", device: str = "cpu"):
+    """(runner, manifest, hash) for one half, through the artifact API (hashes and target checked);
+    the "ort" engine is served under a distinct wire hash."""
+    art = open_artifact(artifact_dir)
+    return half_runner(art, half, engine, device), art.manifest, wire_hash(artifact_dir, engine)
 
 
 def load_endpoint(artifact_dir: str | Path, half: str = "tail", engine: str = "compiled",
                   workers: int = 1, device: str = "cpu") -> Endpoint:
-    """An endpoint serving one half of an artifact, with `workers` independent runners."""
-    runners, man, h = [], None, None
-    for _ in range(max(1, workers)):
-        r, man, h = load_half(artifact_dir, half, engine, device)
-        runners.append(r)
+    """An endpoint serving one half of an artifact, with `workers` independent runners.
+
+    The artifact is opened (every file hashed) once, however many runners it gets."""
+    art = open_artifact(artifact_dir)
+    runners = [half_runner(art, half, engine, device) for _ in range(max(1, workers))]
     name = f"{Path(artifact_dir).name}:{half}:{engine}"
-    return make_endpoint(name, h, runners, quant_of(man, [s.name for s in runners[0].inputs]))
+    return make_endpoint(name, wire_hash(artifact_dir, engine), runners,
+                         quant_of(art.manifest, [s.name for s in runners[0].inputs]))
 
 
 def default_threads() -> int:

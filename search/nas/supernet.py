@@ -22,7 +22,7 @@ from torch import nn
 
 from nasc.search.nas import defaults as D
 from nasc.search.nas.data import Dataset
-from nasc.search.nas.space import CONV1, CONV3, EDGE_DST, EDGE_SRC, NONE, POOL, SKIP, SpaceConfig
+from nasc.search.nas.space import CONV1, CONV3, EDGE_DST, EDGE_SRC, POOL, SKIP, SpaceConfig
 
 
 class ReLUConvBN(nn.Sequential):
