@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from onnx import ModelProto, helper
@@ -24,9 +24,13 @@ from nasc.partitioner.analysis import Analysis
 from nasc.partitioner.load import node_inputs
 from nasc.types import TensorSpec
 
+if TYPE_CHECKING:
+    from nasc.search.predictor import KernelPredictor
+
 PROFILE_FORMAT = "nasc-kernel-profile/1"
-# time_evaluator settings: enough repeats for a stable median on a shared machine
-NUMBER, REPEAT, MIN_REPEAT_MS = 5, 5, 20
+# time_evaluator settings. Each repeat averages calls over >= MIN_REPEAT_MS; the fastest repeat
+# is kept: on a shared machine other work only ever adds time, so the minimum is the stable figure.
+NUMBER, REPEAT, MIN_REPEAT_MS = 5, 7, 20
 
 
 @dataclass(frozen=True)
@@ -85,14 +89,14 @@ def group_model(a: Analysis, group: KernelGroup) -> ModelProto:
     return m
 
 
-def time_model_ms(model: ModelProto, target, executable=None) -> float:
-    """Median milliseconds of one call of a compiled model on `target` (which must run here)."""
+def time_model_ms(model: ModelProto, target, executable=None, database=None) -> float:
+    """Milliseconds of one call of a compiled model on `target` (which must run here): the fastest repeat."""
     import tvm
     from tvm import relax
 
     from nasc.backends import tvm as tvm_backend
 
-    ex = executable or tvm_backend.compile_model(model, target)
+    ex = executable or tvm_backend.compile_model(model, target, database=database)
     dev = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)
     vm = relax.VirtualMachine(ex, dev)
     rng = np.random.default_rng(0)
@@ -106,7 +110,7 @@ def time_model_ms(model: ModelProto, target, executable=None) -> float:
         x = rng.standard_normal(spec.shape).astype(spec.dtype) if np.dtype(spec.dtype).kind == "f" else np.zeros(spec.shape, spec.dtype)
         args.append(tvm.runtime.tensor(x, dev))
     f = vm.time_evaluator("main", dev, number=NUMBER, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS)
-    return float(np.median(f(*args).results) * 1e3)
+    return float(np.min(f(*args).results) * 1e3)
 
 
 CALL_KEY = "call_overhead"
@@ -122,9 +126,9 @@ def call_overhead_ms(target) -> float:
 
 
 def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
-                    log: Callable[[str], None] | None = None) -> dict[str, float]:
+                    log: Callable[[str], None] | None = None, database=None) -> dict[str, float]:
     """Milliseconds per kernel signature on `target` (net of call overhead, stored under CALL_KEY),
-    measuring only signatures not in `known`."""
+    measuring only signatures not in `known`; with a MetaSchedule `database`, tuned kernels."""
     from nasc.backends import tvm as tvm_backend
 
     tvm_backend.set_threads()
@@ -137,8 +141,15 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
         if log:
             log(f"kernel {k + 1}/{len(todo)}: " + "+".join(a.nodes[i].op_type for i in g.nodes))
         # each standalone measurement pays one call's overhead; a half pays it once
-        times[sig] = max(time_model_ms(group_model(a, g), target) - times[CALL_KEY], 0.0)
+        times[sig] = max(time_model_ms(group_model(a, g), target, database=database) - times[CALL_KEY], 0.0)
     return times
+
+
+def kernel_features(a: Analysis) -> dict[str, dict]:
+    """{signature: features} of every kernel group (what the predictor is fitted on)."""
+    from nasc.search.predictor import group_features
+
+    return {g.signature: group_features(a, g.nodes) for g in kernel_groups(a)}
 
 
 def node_ms_from_kernels(a: Analysis, kernels: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -153,13 +164,171 @@ def node_ms_from_kernels(a: Analysis, kernels: dict[str, float]) -> tuple[np.nda
     return ms, known
 
 
-def save_profile(path: Path, target, kernels: dict[str, float], meta: dict) -> dict:
+def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
+    """Signature of any run of a group's nodes (a group broken by a cut runs as two kernels)."""
+    return _signature(a, list(nodes))
+
+
+# ---------------------------------------------------------------------------------------
+# calibration suite: sampled standalone kernels a predictor is fitted on
+
+SUITE_SIZE = 160
+# kernel mix of the suite (weights): CNN kernels dominate IoT models
+SUITE_MIX = {"conv": 0.24, "conv1x1": 0.2, "dwconv": 0.2, "matmul": 0.1, "pool": 0.07, "reduce": 0.05, "eltwise": 0.1,
+             "other": 0.04}
+SUITE_PIXELS = (7, 14, 28, 56, 112)
+SUITE_CHANNELS = (8, 1024)      # log-uniform, multiples of 8
+# keep each sampled kernel under ~10 ms on a small CPU so the suite stays a few minutes
+SUITE_MAX_FLOPS = 4e8
+
+
+def _channels(rng) -> int:
+    lo, hi = np.log(SUITE_CHANNELS[0]), np.log(SUITE_CHANNELS[1])
+    return int(max(8, round(float(np.exp(rng.uniform(lo, hi))) / 8) * 8))
+
+
+def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
+    from nasc.examples.builder import Net
+
+    n = Net(f"suite_{kind}", seed)
+    hw = int(rng.choice(SUITE_PIXELS))
+    if kind in ("conv", "conv1x1", "dwconv"):
+        k = 1 if kind == "conv1x1" else int(rng.choice((3, 3, 5, 7) if kind == "conv" else (3, 3, 5)))
+        while True:
+            cin, cout = _channels(rng), _channels(rng)
+            if kind == "dwconv":
+                cout = cin
+            stride = int(rng.choice((1, 1, 2)))
+            groups = cin if kind == "dwconv" else 1
+            flops = 2.0 * (hw // stride) ** 2 * cout * (cin // groups) * k * k
+            if flops <= SUITE_MAX_FLOPS:
+                break
+            hw = max(SUITE_PIXELS[0], hw // 2)
+        x = n.input("input", (1, cin, hw, hw))
+        act = str(rng.choice(("relu", "relu6", "none")))
+        y = n.conv(x, cin, cout, k, stride, groups=groups, act=None if act == "none" else act)
+        if stride == 1 and cin == cout and rng.random() < 0.4:
+            y = n.act(n.add(y, x), "relu")
+        return n.build(y, f"suite {kind}")
+    if kind == "matmul":
+        cin, cout = _channels(rng), _channels(rng)
+        if rng.random() < 0.5:
+            x = n.input("input", (1, cin))
+            return n.build(n.linear(x, cin, cout), "suite gemm")
+        tokens = int(rng.choice((16, 49, 64, 196)))
+        x = n.input("input", (1, tokens, cin))
+        y = n.matmul(x, cin, cout)
+        return n.build(n.act(y, "gelu") if rng.random() < 0.5 else y, "suite matmul")
+    c = _channels(rng)
+    if kind in ("pool", "reduce"):
+        x = n.input("input", (1, c, hw, hw))
+        if kind == "reduce":
+            return n.build(n.node("GlobalAveragePool", [x], prefix="gap"), "suite reduce")
+        y = n.maxpool(x, 3, 2) if rng.random() < 0.5 else n.avgpool(x, 3, int(rng.choice((1, 2))))
+        return n.build(y, "suite pool")
+    if kind == "eltwise":
+        x = n.input("input", (1, c, hw, hw))
+        other = n.input("other", (1, c, hw, hw))
+        y = n.concat([x, other]) if rng.random() < 0.3 else n.act(n.add(x, other), "relu")
+        return n.build(y, "suite eltwise")
+    tokens = int(rng.choice((16, 49, 64, 196)))
+    x = n.input("input", (1, tokens, c))
+    y = n.layernorm(x, c) if rng.random() < 0.5 else n.node("Softmax", [x], axis=-1)
+    return n.build(y, "suite other")
+
+
+def calibration_suite(size: int = SUITE_SIZE, seed: int = 0) -> list[ModelProto]:
+    """`size` seeded single-kernel models spanning the kernel classes and sizes of IoT CNNs/ViTs."""
+    rng = np.random.default_rng(seed)
+    kinds = list(SUITE_MIX)
+    weights = np.array([SUITE_MIX[k] for k in kinds])
+    # one kernel of every class first, so even a small suite covers them all
+    picks = list(range(min(size, len(kinds)))) + list(rng.choice(len(kinds), size=max(size - len(kinds), 0), p=weights / weights.sum()))
+    return [_suite_kernel(kinds[int(k)], rng, seed * 100_003 + i) for i, k in enumerate(picks)]
+
+
+def prepared_analysis(model: ModelProto) -> Analysis:
+    """The analysis every nasc path cuts: loaded, PREPARE passes run, analysed."""
+    from nasc.partitioner import analyze, load_model
+    from nasc.passes import prepare
+
+    return analyze(load_model(prepare(load_model(model))))
+
+
+def measure_suite(target, size: int = SUITE_SIZE, seed: int = 0, known: dict[str, float] | None = None,
+                  log: Callable[[str], None] | None = None, database=None) -> tuple[dict[str, float], dict[str, dict]]:
+    """(kernel ms, kernel features) of the calibration suite on `target` (signatures in `known` are reused)."""
+    times = dict(known or {})
+    features: dict[str, dict] = {}
+    for k, m in enumerate(calibration_suite(size, seed)):
+        if log:
+            log(f"calibration kernel {k + 1}/{size}: {m.doc_string}")
+        a = prepared_analysis(m)
+        times = measure_kernels(a, target, times, database=database)
+        features.update(kernel_features(a))
+    return times, features
+
+
+# ---------------------------------------------------------------------------------------
+# profile files
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    """A measured profile of one target: kernel times, their features and the predictor fitted on them."""
+
+    target: dict
+    kernels: dict[str, float]
+    features: dict[str, dict]
+    predictor: "KernelPredictor | None"
+    path: str = ""
+
+    @property
+    def call_ms(self) -> float:
+        return float(self.kernels.get(CALL_KEY, 0.0))
+
+
+def fit_profile_predictor(kernels: dict[str, float], features: dict[str, dict]):
+    """The predictor over every kernel with features, or None when there are too few."""
+    from nasc.search.predictor import fit_predictor
+
+    sigs = [s for s in features if s in kernels and s != CALL_KEY]
+    if len(sigs) < 2:
+        return None
+    return fit_predictor([features[s] for s in sigs], [kernels[s] for s in sigs])
+
+
+def save_profile(path: Path, target, kernels: dict[str, float], features: dict[str, dict], meta: dict) -> dict:
+    """Write (atomically) a profile with a predictor refitted on all its kernels."""
     from nasc.backends.targets import host_cpu
 
+    predictor = fit_profile_predictor(kernels, features)
     doc = {"format": PROFILE_FORMAT, "source": "measured", "target": target.to_json(), "host_cpu": host_cpu(),
            "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
-           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta, "kernels": kernels}
+           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta, "kernels": kernels,
+           "features": features, "predictor": predictor.to_json() if predictor else None}
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return doc
+
+
+def is_kernel_profile(doc) -> bool:
+    return isinstance(doc, dict) and doc.get("format") == PROFILE_FORMAT
+
+
+def kernel_profile(doc: dict, path: str = "") -> KernelProfile:
+    """A loaded profile document (see save_profile) as a KernelProfile; the predictor is refitted
+    from the stored kernels and features (the stored one is for people to read)."""
+    from nasc.errors import NascError
+    from nasc.search.predictor import KernelPredictor
+
+    try:
+        kernels = {k: float(v) for k, v in doc["kernels"].items()}
+        features = dict(doc.get("features", {}))
+        # refitting takes milliseconds and keeps a profile usable across predictor changes
+        pred = fit_profile_predictor(kernels, features) if features else (
+            KernelPredictor.from_json(doc["predictor"]) if doc.get("predictor") else None)
+        return KernelProfile(doc["target"], kernels, features, pred, path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise NascError(f"{path or 'profile'}: malformed kernel profile ({type(e).__name__}: {e})") from None

@@ -37,10 +37,32 @@ class Link:
     rtt_ms: float
     loss_pct: float = 0.0
     name: str = ""
+    # packing + unpacking the frames on the two ends, GB/s (0: not modelled)
+    serialize_gbs: float = 0.0
 
     def transfer_ms(self, payload_bytes) -> "np.ndarray | float":
-        """One-way serialisation time of the payload plus one round trip (request + reply)."""
-        return np.asarray(payload_bytes, dtype=np.float64) * 8.0 / (self.bandwidth_mbit * 1e3) + self.rtt_ms
+        """Payload on the wire plus one round trip (request + reply), plus framing at both ends."""
+        b = np.asarray(payload_bytes, dtype=np.float64)
+        framing = b / (self.serialize_gbs * 1e6) if self.serialize_gbs > 0 else 0.0
+        return b * 8.0 / (self.bandwidth_mbit * 1e3) + self.rtt_ms + framing
+
+    FIELDS = ("bandwidth_mbit", "rtt_ms", "loss_pct", "serialize_gbs")
+
+    @staticmethod
+    def load(path: str) -> "Link":
+        """A link profile file: {"bandwidth_mbit": .., "rtt_ms": .., ["loss_pct", "serialize_gbs", "name"]}."""
+        from nasc.errors import NascError
+
+        try:
+            d = json.loads(Path(path).read_text())
+            link = Link(**{k: float(d[k]) for k in Link.FIELDS if k in d}, name=str(d.get("name", Path(path).stem)))
+        except FileNotFoundError:
+            raise NascError(f"{path}: link profile not found") from None
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+            raise NascError(f"{path}: not a valid link profile ({e}); expected JSON with bandwidth_mbit and rtt_ms") from None
+        if link.bandwidth_mbit <= 0 or link.rtt_ms < 0 or not 0 <= link.loss_pct < 100 or link.serialize_gbs < 0:
+            raise NascError(f"{path}: link profile out of range (bandwidth_mbit > 0, rtt_ms >= 0, 0 <= loss_pct < 100)")
+        return link
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,12 @@ class BandwidthTrace:
 
 
 def parse_link(text: str) -> tuple[Link, BandwidthTrace | None]:
-    """`wifi|lte|3g|...`, `BW_MBIT,RTT_MS[,LOSS_PCT]` or `trace:FILE[,RTT_MS[,LOSS_PCT]]`."""
+    """`wifi|lte|3g|...`, `BW_MBIT,RTT_MS[,LOSS_PCT]`, a link profile `FILE.json` or `trace:FILE[,RTT_MS[,LOSS_PCT]]`."""
     t = text.strip()
     if t.lower() in LINK_PRESETS:
         return LINK_PRESETS[t.lower()], None
+    if t.endswith(".json"):
+        return Link.load(t), None
     if t.startswith("trace:"):
         path, *rest = t[len("trace:") :].split(",")
         trace = load_trace(path)

@@ -2,8 +2,10 @@
 
 A model maps an Analysis to per-node times on one processor; a cut's half time is the sum
 over its nodes, so all cuts are scored with one matrix product. `AnalyticLatencyModel` is a
-roofline over the hardware profile (labelled `analytic` wherever it is reported); a
-measured model plugs in through the same `LatencyModel` protocol.
+roofline over the hardware profile (labelled `analytic` wherever it is reported).
+`MeasuredLatencyModel` sums kernels measured on the target, predicts the ones never measured
+with the profile's fitted predictor, and prices a fused kernel that a cut breaks in two as
+the two kernels each half really runs.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def _first_input_bytes(a: Analysis, node) -> int:
     return a.specs[node.input[0]].nbytes if node.input and node.input[0] in a.specs else 0
 
 
+def half_ms(model: LatencyModel, a: Analysis, masks: np.ndarray, side: str) -> np.ndarray:
+    """(C,) predicted milliseconds of the nodes each row of `masks` (C, N) puts on `side`."""
+    if hasattr(model, "half_ms"):
+        return model.half_ms(a, masks, side)
+    return masks.astype(np.float64) @ model.node_ms(a, side)
+
+
 def predict(a: Analysis, cuts: list[Cut], model: LatencyModel, link: Link, compress: bool = False) -> list[Prediction]:
     """Predicted latency of every cut: device(head) + transfer(payload) + server(tail).
 
@@ -61,10 +70,10 @@ def predict(a: Analysis, cuts: list[Cut], model: LatencyModel, link: Link, compr
     """
     if not cuts:
         return []
-    masks = np.stack([c.head_mask for c in cuts]).astype(np.float64)
+    masks = np.stack([c.head_mask for c in cuts]).astype(bool)
     call = getattr(model, "call_ms", lambda side: 0.0)
-    dev = masks @ model.node_ms(a, DEVICE) + np.where(masks.any(axis=1), call(DEVICE), 0.0)
-    srv = (1.0 - masks) @ model.node_ms(a, SERVER) + np.where(masks.all(axis=1), 0.0, call(SERVER))
+    dev = half_ms(model, a, masks, DEVICE) + np.where(masks.any(axis=1), call(DEVICE), 0.0)
+    srv = half_ms(model, a, ~masks, SERVER) + np.where(masks.all(axis=1), 0.0, call(SERVER))
     payload = np.array([c.payload_bytes_int8 if compress else c.payload_bytes for c in cuts], np.float64)
     transfer = np.asarray(link.transfer_ms(payload), np.float64)
     preds = []
@@ -76,44 +85,121 @@ def predict(a: Analysis, cuts: list[Cut], model: LatencyModel, link: Link, compr
     return preds
 
 
-class MeasuredLatencyModel:
-    """Per-node times from kernels measured on the real target (see backends.profile).
+MEASURED, PREDICTED, ANALYTIC = "measured", "predicted", "analytic"
 
-    Kernels a profile lacks, and a side with no profile, fall back to the analytic model;
-    `source` says how much of each side was measured.
+
+class MeasuredLatencyModel:
+    """Kernel times from a measured profile of the target (see backends.profile).
+
+    Each fused kernel costs its measured time when the profile has its signature, the
+    profile's fitted predictor otherwise, and the analytic roofline when the profile has no
+    predictor; a side without a profile is analytic. A cut through a fused kernel leaves a
+    kernel on each side: each part is priced on its own. `source` says how each side was priced.
     """
 
-    def __init__(self, fallback: AnalyticLatencyModel, device_kernels: dict[str, float] | None = None,
-                 server_kernels: dict[str, float] | None = None):
+    def __init__(self, fallback: AnalyticLatencyModel, device=None, server=None):
+        from nasc.backends.profile import KernelProfile
+
+        def as_profile(p):
+            if p is None or isinstance(p, KernelProfile):
+                return p
+            return KernelProfile({}, dict(p), {}, None)  # a bare {signature: ms} dict
+
         self.fallback = fallback
-        self.kernels = {DEVICE: device_kernels, SERVER: server_kernels}
-        self.coverage: dict[str, tuple[int, int]] = {}
+        self.profiles = {DEVICE: as_profile(device), SERVER: as_profile(server)}
+        self.coverage: dict[str, dict[str, int]] = {}
 
     @property
     def source(self) -> str:
         parts = []
         for side in (DEVICE, SERVER):
-            if self.kernels[side] is None:
+            prof = self.profiles[side]
+            if prof is None:
                 parts.append(f"{side} analytic")
-            else:
-                k, n = self.coverage.get(side, (0, 0))
-                parts.append(f"{side} measured ({k}/{n} kernels)")
+                continue
+            cov = self.coverage.get(side, {})
+            n = sum(cov.values())
+            how = PREDICTED if prof.predictor is not None and not cov.get(MEASURED) else MEASURED
+            detail = ", ".join(f"{v} {k}" for k, v in cov.items() if v) or "no kernels priced yet"
+            parts.append(f"{side} {how} ({detail} of {n} kernels)" if n else f"{side} {how}")
         return "; ".join(parts)
 
     def call_ms(self, side: str) -> float:
         """Fixed cost of running a half once (VM call, allocation), measured with the kernels."""
-        from nasc.backends.profile import CALL_KEY
+        prof = self.profiles[side]
+        return prof.call_ms if prof is not None else 0.0
 
-        return float((self.kernels[side] or {}).get(CALL_KEY, 0.0))
+    def _parts_ms(self, a: Analysis, side: str, parts: list[tuple[int, ...]]) -> tuple[np.ndarray, list[str]]:
+        """Milliseconds of each run of nodes as one kernel, and how each was priced."""
+        from nasc.backends.profile import part_signature
+        from nasc.search.predictor import group_features
+
+        prof = self.profiles[side]
+        base = self.fallback.node_ms(a, side)
+        ms = np.zeros(len(parts))
+        how = [ANALYTIC] * len(parts)
+        unknown = []
+        for k, nodes in enumerate(parts):
+            sig = part_signature(a, nodes)
+            if sig in prof.kernels:
+                ms[k], how[k] = prof.kernels[sig], MEASURED
+            elif prof.predictor is not None:
+                unknown.append(k)
+            else:
+                ms[k] = base[list(nodes)].sum()
+        if unknown:
+            ms[unknown] = prof.predictor.predict_ms([group_features(a, parts[k]) for k in unknown])
+            for k in unknown:
+                how[k] = PREDICTED
+        return ms, how
+
+    def _groups(self, a: Analysis, side: str):
+        from nasc.backends.profile import kernel_groups
+
+        groups = kernel_groups(a)
+        ms, how = self._parts_ms(a, side, [g.nodes for g in groups])
+        self.coverage[side] = {k: how.count(k) for k in (MEASURED, PREDICTED, ANALYTIC)}
+        return groups, ms
 
     def node_ms(self, a: Analysis, side: str) -> np.ndarray:
-        from nasc.backends.profile import kernel_groups, node_ms_from_kernels
+        """Each kernel's time on its anchor node (shape-only nodes cost nothing)."""
+        if self.profiles[side] is None:
+            return self.fallback.node_ms(a, side)
+        groups, ms = self._groups(a, side)
+        out = np.zeros(len(a.nodes))
+        for g, t in zip(groups, ms):
+            out[g.anchor()] = t
+        return out
 
-        base = self.fallback.node_ms(a, side)
-        kernels = self.kernels[side]
-        if kernels is None:
-            return base
-        ms, known = node_ms_from_kernels(a, kernels)
-        groups = kernel_groups(a)
-        self.coverage[side] = (sum(g.signature in kernels for g in groups), len(groups))
-        return np.where(known, ms, base)
+    def half_ms(self, a: Analysis, masks: np.ndarray, side: str) -> np.ndarray:
+        if self.profiles[side] is None:
+            return masks.astype(np.float64) @ self.fallback.node_ms(a, side)
+        groups, ms = self._groups(a, side)
+        member = np.zeros((len(groups), len(a.nodes)))
+        for k, g in enumerate(groups):
+            member[k, list(g.nodes)] = 1.0
+        cover = masks.astype(np.float64) @ member.T                      # (C, G) nodes of each kernel here
+        whole = cover == member.sum(axis=1)
+        total = whole.astype(np.float64) @ ms
+        broken = np.argwhere((cover > 0) & ~whole)
+        if len(broken):
+            parts = [tuple(i for i in groups[g].nodes if masks[c, i]) for c, g in broken]
+            uniq = list(dict.fromkeys(parts))
+            part_ms, _ = self._parts_ms(a, side, uniq)
+            lookup = dict(zip(uniq, part_ms))
+            np.add.at(total, broken[:, 0], [lookup[p] for p in parts])
+        return total
+
+
+def latency_model_for(device, server) -> LatencyModel:
+    """The model for two loaded profiles (HardwareProfile or KernelProfile each): a side with a
+    kernel profile is priced from measured kernels and its predictor, a hardware profile analytically."""
+    from nasc.defaults import DEFAULT_DEVICE, DEFAULT_SERVER
+    from nasc.types import HardwareProfile
+
+    hw = [p if isinstance(p, HardwareProfile) else d for p, d in ((device, DEFAULT_DEVICE), (server, DEFAULT_SERVER))]
+    analytic = AnalyticLatencyModel(*hw)
+    if isinstance(device, HardwareProfile) and isinstance(server, HardwareProfile):
+        return analytic
+    return MeasuredLatencyModel(analytic, None if isinstance(device, HardwareProfile) else device,
+                                None if isinstance(server, HardwareProfile) else server)

@@ -75,3 +75,23 @@ def test_pareto_cuts_contains_the_fastest_and_the_smallest():
     smallest = min(range(len(cuts)), key=lambda i: cuts[i].device_peak_memory_bytes)
     assert preds[front[0]].total_ms <= preds[fastest].total_ms + 1e-9 or fastest in front
     assert any(cuts[i].device_peak_memory_bytes == cuts[smallest].device_peak_memory_bytes for i in front)
+
+
+def test_link_profile_file_adds_framing_cost_and_errors_name_the_file(tmp_path):
+    from nasc.cli.common import parse_link
+    from nasc.errors import NascError
+    from nasc.types import Link
+
+    f = tmp_path / "lab.json"
+    f.write_text('{"bandwidth_mbit": 8, "rtt_ms": 5, "serialize_gbs": 1.0}')
+    link = parse_link(str(f))
+    assert link.name == "lab" and link.serialize_gbs == 1.0
+    # 1 MB: 8e6 bits at 8 Mbit/s = 1000 ms on the wire, + 5 ms RTT, + 1 ms framing at 1 GB/s
+    assert float(link.transfer_ms(1e6)) == pytest.approx(1006.0)
+    assert float(Link(8, 5).transfer_ms(1e6)) == pytest.approx(1005.0)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rtt_ms": 5}')
+    with pytest.raises(NascError, match="bad.json"):
+        parse_link(str(bad))
+    with pytest.raises(NascError, match="missing.json"):
+        parse_link(str(tmp_path / "missing.json"))

@@ -54,7 +54,7 @@ def test_tabular_ratio_and_pareto(tmp_path, capsys):
 
 
 def test_errors_are_one_red_line(tmp_path, capsys):
-    rc = main(["-o", str(tmp_path / "x"), "--link", "fast", "--latency-budget", "1"])
+    rc = main(["-o", str(tmp_path / "x"), "--link", "1;50", "--latency-budget", "1"])
     assert rc == 2 and "BW_MBIT,RTT_MS" in capsys.readouterr().err
     rc = main(["-o", str(tmp_path / "x"), "--link", "1,50", "--data", "folder:/nonexistent", "--latency-budget", "1"])
     err = capsys.readouterr().err
@@ -62,3 +62,28 @@ def test_errors_are_one_red_line(tmp_path, capsys):
     rc = main(["-o", str(tmp_path / "x"), "--link", "1,50"])
     assert rc == 2 and "latency-budget" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_mbv2_search_end_to_end_and_compiles(tmp_path, capsys):
+    """The second space runs the same loop: search on digits, export, nasc-compile at the chosen cut."""
+    from nasc.compile import compile_model
+
+    out = tmp_path / "mb"
+    rc = main(["-o", str(out), "--space", "mbv2", "--data", "digits", "--link", "20,10",
+               "--latency-budget-ratio", "0.8", "--json", *TINY])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    from nasc.search.nas.space import SpaceConfig, get_space
+
+    space = get_space("mbv2", SpaceConfig(cells_per_stage=1))
+    assert space.arch_str(space.arch_index(r["chosen"]["arch"])) == r["chosen"]["arch"]
+    assert r["chosen"]["latency_ms"] <= 0.8 * r["baseline"]["latency_ms"] + 1e-9
+    assert r["archs_estimated"] > 1 and "supernet" in r["accuracy_source"]
+    # device memory of the chosen cut: the table's figure is the partitioner's, exactly
+    assert r["chosen"]["device_memory_bytes_partitioner"] == r["chosen"]["device_memory_bytes"]
+    model = onnx.load(str(out / "chosen.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["nasc.space"] == "mbv2" and meta["nasc.arch"] == r["chosen"]["arch"]
+    manifest = compile_model(out / "chosen.onnx", tmp_path / "art", split="annotated", backend="ort")
+    want = [meta[D.SPLIT_METADATA_KEY]] if meta[D.SPLIT_METADATA_KEY] not in ("", D.SPLIT_DEVICE_ONLY) else []
+    assert manifest["split"]["tensors"] == want

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 
@@ -24,7 +26,8 @@ def test_table_equals_nasc_model_on_whole_exported_subnets(setup):
     """The probed-term sums reproduce nasc's latency model on the real exported graph exactly."""
     space, table, net = setup
     cost, _ = nasc_node_cost()
-    archs = [0, 6111, 9930, 3000] + np.random.default_rng(0).integers(space.num_archs, size=8).tolist()
+    # 53: repeated sums the exporter merges into one Add
+    archs = [0, 6111, 9930, 3000, 53] + np.random.default_rng(0).integers(space.num_archs, size=8).tolist()
     for a in archs:
         model, _ = export_subnet(net.subnet(a), CFG.input_shape)
         for side, blocks in (("device", table.block_device_ms), ("server", table.block_server_ms)):
@@ -75,3 +78,65 @@ def test_custom_cost_function_is_used():
     assert t.source == "node count"
     assert np.all(t.block_device_ms[:, 0] == 1)  # the stem exports one Conv (BN folded)
     assert t.block_device_ms.max() > 1
+
+
+# --------------------------------------------------------------------------- device memory, mbv2
+
+MBV2_CFG = SpaceConfig(channels=4, cells_per_stage=2, resolution=16)
+# Edge cases of the exported graph: repeated sums merged by the exporter (53), a zero cell, an
+# identity cell, pools only; for mbv2 every block skipped that may be, and the widest arch.
+MEMORY_ARCHS = {
+    "nb201": [6111, 53, "|nor_conv_1x1~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+              "|none~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|", 9952],
+    "mbv2": ["skip-skip-k5e6-skip-k5e6-skip", "k5e6-k5e6-k5e6-k5e6-k5e6-k5e6", 2697],
+}
+
+
+@pytest.fixture(scope="module")
+def mbv2_setup():
+    from nasc.search.nas.space import get_space
+
+    space = get_space("mbv2", MBV2_CFG)
+    torch.manual_seed(0)
+    return space, build_latency_table(space, MBV2_CFG), space.build_supernet(MBV2_CFG).eval()
+
+
+def test_mbv2_table_equals_nasc_model_on_whole_exported_subnets(mbv2_setup):
+    space, table, net = mbv2_setup
+    assert table.block_device_ms.shape == (space.num_archs, 8) and table.num_cuts == 9
+    cost, _ = nasc_node_cost()
+    for a in [0, space.num_archs - 1] + np.random.default_rng(1).integers(space.num_archs, size=4).tolist():
+        model, _ = export_subnet(net.subnet(a), MBV2_CFG.input_shape)
+        for side, blocks in (("device", table.block_device_ms), ("server", table.block_server_ms)):
+            assert blocks[a].sum() == pytest.approx(cost(model, side).sum(), rel=1e-9), (a, side)
+    # a skipped block costs nothing and sends what the block before it sends
+    a = space.arch_index("skip-skip-k5e6-skip-k5e6-skip")
+    assert table.block_device_ms[a, 1] == 0 and table.block_param_bytes[a, 2] == 0
+
+
+@pytest.mark.parametrize("name", ["nb201", "mbv2"])
+def test_device_memory_is_what_the_partitioner_computes(name, setup, mbv2_setup):
+    """For every cut of exported subnets, the table's device memory equals the partitioner's
+    `Cut.device_peak_memory_bytes` (nasc.compile.plan with the annotated split) exactly."""
+    from nasc.compile import plan
+    from nasc.search.nas.export import set_metadata
+    from nasc.search.nas.supernet import distinct_weights
+
+    space, table, net = setup if name == "nb201" else mbv2_setup
+    cfg = CFG if name == "nb201" else MBV2_CFG
+    scores = table.score(Link(10, 5))
+    nb = table.structure.num_blocks
+    # trained networks hold no equal tensors; fresh BNs do, and the exporter would merge them
+    net = distinct_weights(copy.deepcopy(net))
+    for arch in MEMORY_ARCHS[name]:
+        a = space.arch_index(arch) if isinstance(arch, str) else arch
+        model, tensors = export_subnet(net.subnet(a), cfg.input_shape)
+        set_metadata(model, D.SPLIT_METADATA_KEY, split_metadata(nb // 2, nb, tensors))
+        p = plan(model, split="annotated")
+        assert p.cut.device_peak_memory_bytes == scores.device_memory_bytes[a, nb // 2], (arch, nb // 2)
+        for k in range(nb + 1):
+            if k in (0, nb):
+                cut = p.cuts[0] if k == 0 else p.cuts[-1]
+            else:
+                cut = cut_from_tensors(p.analysis, p.cuts, [split_metadata(k, nb, tensors)])
+            assert cut.device_peak_memory_bytes == scores.device_memory_bytes[a, k], (arch, k)

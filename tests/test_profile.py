@@ -49,26 +49,65 @@ def test_measured_model_uses_kernels_and_call_overhead():
     ms, known = node_ms_from_kernels(a, kernels)
     assert known.all() and ms.sum() > 0
     analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
-    measured = MeasuredLatencyModel(analytic, device_kernels=kernels)
+    measured = MeasuredLatencyModel(analytic, device=kernels)
     preds = predict(a, cuts, measured, defaults.DEFAULT_LINK)
+    groups = kernel_groups(a)
+    intact = 0
     for c, p in zip(cuts, preds):
+        assert abs(p.server_ms - analytic.node_ms(a, SERVER)[~c.head_mask].sum()) < 1e-9
+        if any(0 < c.head_mask[list(g.nodes)].sum() < len(g.nodes) for g in groups):
+            continue  # a broken kernel's parts are priced on their own (tests/test_predictor.py)
+        intact += 1
         expect = ms[c.head_mask].sum() + (kernels[CALL_KEY] if c.head_mask.any() else 0.0)
         assert abs(p.device_ms - expect) < 1e-9
-        assert abs(p.server_ms - analytic.node_ms(a, SERVER)[~c.head_mask].sum()) < 1e-9
+    assert intact > len(cuts) // 2
     assert measured.source.startswith("device measured")
     assert np.array_equal(measured.node_ms(a, SERVER), analytic.node_ms(a, SERVER))
     assert not np.array_equal(measured.node_ms(a, DEVICE), analytic.node_ms(a, DEVICE))
 
 
-def test_profile_cli_writes_a_profile_compile_can_use(tmp_path, capsys):
+def test_profile_cli_calibrates_fits_and_checks_halves(tmp_path, capsys):
+    """Suite kernels fit a predictor; a model profiled next is predicted by it (held out) and by its own kernels."""
     prof = tmp_path / "p.json"
-    assert profile_main(["example:tiny", "-o", str(prof), "--cuts", "2", "--json", "-q"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["cuts"] and all(r["measured_ms"] > 0 for r in summary["cuts"])
+    assert profile_main(["--calibrate", "12", "-o", str(prof), "-q"]) == 0
     doc = json.loads(prof.read_text())
     assert doc["source"] == "measured" and doc["target"]["name"] == "llvm" and CALL_KEY in doc["kernels"]
+    assert doc["predictor"] and sum(doc["predictor"]["samples"].values()) == len(doc["features"]) >= 12
+    assert profile_main(["example:tiny", "-o", str(prof), "--cuts", "2", "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    halves = [r[h] for r in summary["cuts"] for h in ("head", "tail") if h in r]
+    assert halves and all(h["measured_ms"] > 0 and h["from_kernels_ms"] > 0 and h["from_predictor_ms"] > 0 for h in halves)
+    assert set(summary["accuracy"]) == {"from_kernels_ms", "from_predictor_ms"}
+    assert "example:tiny" in json.loads(prof.read_text())["models"]
     from nasc.cli.compile import main as compile_main
 
     assert compile_main(["example:tiny", "--dry-run", "--json", "--device-profile", str(prof), "-q"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert "device measured" in out["latency_model"]
+    assert out["latency_model"].startswith("device measured") and "server analytic" in out["latency_model"]
+    # an unseen model: every kernel priced by the fitted predictor
+    assert compile_main(["example:resnet8", "--dry-run", "--json", "--device-profile", str(prof), "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "predicted" in out["latency_model"]
+    assert all(c["predicted"]["device_ms"] > 0 for c in out["candidates"] if c["kind"] != "server-only")
+
+
+def test_profile_in_a_tuning_db_is_used_by_compile(tmp_path, capsys):
+    db = tmp_path / "db"
+    assert profile_main(["example:tiny", "--db", str(db), "--cuts", "0", "-q"]) == 0
+    from nasc.backends.tuning import db_path
+    from nasc.cli.compile import main as compile_main
+    from nasc.cli.profile import PROFILE_IN_DB
+
+    assert (db_path(db, resolve_target("llvm")) / PROFILE_IN_DB).is_file()
+    assert compile_main(["example:tiny", "--dry-run", "--json", "--tuning-db", str(db), "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["latency_model"].startswith("device measured")
+
+
+def test_profile_cli_errors(tmp_path, capsys):
+    assert profile_main([]) != 0
+    assert "give a MODEL" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert profile_main(["example:tiny", "-o", str(bad), "--cuts", "0"]) != 0
+    assert "bad.json" in capsys.readouterr().err

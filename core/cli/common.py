@@ -36,10 +36,12 @@ def command(parser: "argparse.ArgumentParser", body: Callable, argv: list[str] |
 
 
 def parse_link(text: str | None, bandwidth: float | None = None, rtt: float | None = None) -> Link:
-    """A link from a preset name or `BW_MBIT,RTT_MS[,LOSS_PCT]`, overridden by --bandwidth/--rtt."""
+    """A link from a preset name, `BW_MBIT,RTT_MS[,LOSS_PCT]` or a link profile FILE.json, overridden by --bandwidth/--rtt."""
     link = defaults.DEFAULT_LINK
     if text:
-        if text in defaults.LINK_PRESETS:
+        if text.endswith(".json"):
+            link = Link.load(text)
+        elif text in defaults.LINK_PRESETS:
             link = defaults.LINK_PRESETS[text]
         else:
             parts = text.split(",")
@@ -60,14 +62,14 @@ def parse_link(text: str | None, bandwidth: float | None = None, rtt: float | No
     return link
 
 
-def load_profile(path: str | None, default: HardwareProfile) -> HardwareProfile | dict:
-    """A hardware profile, or a measured kernel profile (dict of signature -> ms) from nasc-profile."""
+def load_profile(path: str | None, default: HardwareProfile):
+    """A hardware profile, or a measured kernel profile (KernelProfile) from nasc-profile."""
     if not path:
         return default
     import json
     from pathlib import Path
 
-    from nasc.backends.profile import PROFILE_FORMAT
+    from nasc.backends.profile import is_kernel_profile, kernel_profile
 
     try:
         doc = json.loads(Path(path).read_text())
@@ -75,21 +77,16 @@ def load_profile(path: str | None, default: HardwareProfile) -> HardwareProfile 
         raise NascError(f"{path}: profile file not found") from None
     except json.JSONDecodeError as e:
         raise NascError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(doc, dict) and doc.get("format") == PROFILE_FORMAT:
-        return dict(doc["kernels"])
+    if is_kernel_profile(doc):
+        return kernel_profile(doc, str(path))
     return HardwareProfile.from_json(doc)
 
 
 def latency_model(device, server):
     """The latency model for two loaded profiles: measured where a kernel profile was given."""
-    from nasc.search.latency import AnalyticLatencyModel, MeasuredLatencyModel
+    from nasc.search.latency import latency_model_for
 
-    analytic = AnalyticLatencyModel(device if isinstance(device, HardwareProfile) else defaults.DEFAULT_DEVICE,
-                                    server if isinstance(server, HardwareProfile) else defaults.DEFAULT_SERVER)
-    if isinstance(device, dict) or isinstance(server, dict):
-        return MeasuredLatencyModel(analytic, device if isinstance(device, dict) else None,
-                                    server if isinstance(server, dict) else None)
-    return analytic
+    return latency_model_for(device, server)
 
 
 def consoles(json_mode: bool, quiet: bool) -> tuple[Console, Console]:

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="tvm", choices=["tvm", "ort"])
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS", help="fix dynamic dims, e.g. input=1x3x224x224")
     p.add_argument("--device-memory", type=parse_bytes, metavar="BYTES", help="device peak memory limit (e.g. 8MiB)")
-    p.add_argument("--link", help="link preset (" + ", ".join(defaults.LINK_PRESETS) + ") or BW_MBIT,RTT_MS")
+    p.add_argument("--link", help="link preset (" + ", ".join(defaults.LINK_PRESETS) + "), BW_MBIT,RTT_MS or a link profile FILE.json "
+                   '({"bandwidth_mbit", "rtt_ms"[, "loss_pct", "serialize_gbs"]})')
     p.add_argument("--bandwidth", type=float, metavar="MBIT", help="link bandwidth in Mbit/s")
     p.add_argument("--rtt", type=float, metavar="MS", help="link round-trip time in ms")
     p.add_argument("--device-profile", metavar="JSON", help="hardware profile, or measured kernel profile from nasc-profile, for the device")
@@ -101,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(lambda: _run(args, out, err), err)
 
 
+def _db_profile(db_dir: str | None, target_name: str) -> str | None:
+    """The kernel profile nasc-profile --db keeps beside the tuning records of a target, if any."""
+    if not db_dir:
+        return None
+    from nasc.backends.targets import resolve_target
+    from nasc.backends.tuning import db_path
+    from nasc.cli.profile import PROFILE_IN_DB
+
+    path = db_path(db_dir, resolve_target(target_name)) / PROFILE_IN_DB
+    return str(path) if path.is_file() else None
+
+
 def _run(args, out, err) -> int:
     from nasc.compile import compile_model, plan
     from nasc.partitioner import parse_shape
@@ -109,8 +122,8 @@ def _run(args, out, err) -> int:
         raise NascError("give -o OUT for the artifact directory, or --dry-run to only analyse")
     shapes = dict(parse_shape(s) for s in args.input_shape)
     link = parse_link(args.link, args.bandwidth, args.rtt)
-    device_profile = load_profile(args.device_profile, defaults.DEFAULT_DEVICE)
-    server_profile = load_profile(args.server_profile, defaults.DEFAULT_SERVER)
+    device_profile = load_profile(args.device_profile or _db_profile(args.tuning_db, args.device_target), defaults.DEFAULT_DEVICE)
+    server_profile = load_profile(args.server_profile or _db_profile(args.tuning_db, args.server_target), defaults.DEFAULT_SERVER)
     if not args.dry_run and args.backend == "tvm":
         from nasc.backends.targets import resolve_target
 

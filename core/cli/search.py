@@ -13,15 +13,9 @@ from nasc.errors import NascError
 
 
 def _link(text: str):
-    from nasc.types import Link
+    from nasc.cli.common import parse_link
 
-    try:
-        bw, rtt = (float(v) for v in text.split(","))
-    except ValueError:
-        raise NascError(f"--link {text!r}: expected BW_MBIT,RTT_MS (e.g. 20,10)") from None
-    if bw <= 0 or rtt < 0:
-        raise NascError(f"--link {text!r}: bandwidth must be positive and RTT non-negative")
-    return Link(bandwidth_mbit=bw, rtt_ms=rtt, name=text)
+    return parse_link(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="nasc-search", description=__doc__.splitlines()[0])
     p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--space", default="nb201")
+    p.add_argument("--space", default="nb201", choices=("nb201", "mbv2"),
+                   help="NAS-Bench-201 cells (15,625 archs) or MobileNetV2-style blocks with kernel/expansion choices")
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
-    p.add_argument("--link", required=True, help="BW_MBIT,RTT_MS")
+    p.add_argument("--link", required=True, help="BW_MBIT,RTT_MS, a preset or a link profile FILE.json")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--latency-budget", type=float, metavar="MS")
     g.add_argument("--latency-budget-ratio", type=float, metavar="R", help="budget = R x latency of baseline (a)")
@@ -42,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracies from the NB201 table (default: ../shared/data or $NASC_NB201_DATA)")
     p.add_argument("--epochs", type=int, default=D.DEFAULT_EPOCHS)
     p.add_argument("--channels", type=int, default=D.DEFAULT_CHANNELS)
-    p.add_argument("--cells", type=int, default=D.DEFAULT_CELLS_PER_STAGE, help="cells per stage (N)")
+    p.add_argument("--cells", type=int, default=D.DEFAULT_CELLS_PER_STAGE, help="NB201 cells or mbv2 blocks per stage (N)")
     p.add_argument("--resolution", type=int)
     p.add_argument("--evo-cycles", type=int, default=D.DEFAULT_EVO_CYCLES)
     p.add_argument("--evo-population", type=int, default=D.DEFAULT_EVO_POPULATION)
-    p.add_argument("--device-profile", metavar="JSON", help="hardware profile of the device (default: nasc's)")
-    p.add_argument("--server-profile", metavar="JSON", help="hardware profile of the server (default: nasc's)")
+    p.add_argument("--device-profile", metavar="JSON", help="hardware profile, or kernel profile from nasc-profile, of the device (default: nasc's analytic one)")
+    p.add_argument("--server-profile", metavar="JSON", help="hardware profile, or kernel profile from nasc-profile, of the server (default: nasc's analytic one)")
     p.add_argument("--int8", action="store_true", help="cut payload sent as int8 (1/4 of float32)")
     p.add_argument("--seed", type=int, default=D.DEFAULT_SEED)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -83,9 +78,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from nasc.search.nas.api import SearchSettings, run_search
-        from nasc.types import HardwareProfile
+        from nasc.cli.common import load_profile
 
-        profiles = [HardwareProfile.load(f) if f else None for f in (args.device_profile, args.server_profile)]
+        profiles = [load_profile(f, None) if f else None for f in (args.device_profile, args.server_profile)]
 
         settings = SearchSettings(
             link=_link(args.link), space=args.space, data=args.data, latency_budget_ms=args.latency_budget,

@@ -22,7 +22,7 @@ from nasc.errors import NascError
 from nasc.search.nas import defaults as D
 from nasc.search.nas import search as S
 from nasc.search.nas.latency_table import LatencyTable, Scores, build_latency_table, nasc_node_cost
-from nasc.search.nas.space import NB201_TABLE_CONFIG, SpaceConfig, get_space
+from nasc.search.nas.space import NB201_TABLE_CONFIG, SPACES, SpaceConfig, get_space
 from nasc.types import HardwareProfile, Link
 
 OBJECTIVES = ("accuracy", "pareto")
@@ -47,17 +47,20 @@ class SearchSettings:
     tabular: str | None = None
     epochs: int = D.DEFAULT_EPOCHS
     channels: int = D.DEFAULT_CHANNELS
-    cells_per_stage: int = D.DEFAULT_CELLS_PER_STAGE
+    cells_per_stage: int = D.DEFAULT_CELLS_PER_STAGE  # NB201 cells, or mbv2 searchable blocks, per stage
     resolution: int | None = None
     int8: bool = False
     seed: int = D.DEFAULT_SEED
     evo_cycles: int = D.DEFAULT_EVO_CYCLES
     evo_population: int = D.DEFAULT_EVO_POPULATION
     bn_recal_batches: int = D.DEFAULT_BN_RECAL_BATCHES
+    # A HardwareProfile (analytic) or a KernelProfile from nasc-profile (measured kernels) per side.
     device_profile: HardwareProfile | None = None
     server_profile: HardwareProfile | None = None
 
     def check(self) -> None:
+        if self.space not in SPACES:
+            raise NascError(f"unknown search space {self.space!r}; known: {', '.join(sorted(SPACES))}")
         if self.objective not in OBJECTIVES:
             raise NascError(f"objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         given = [x is not None for x in (self.latency_budget_ms, self.latency_budget_ratio, self.min_accuracy)]
@@ -152,6 +155,9 @@ def write_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; the output is an ordinary folder
     try:
         write(tmp)
         if out_dir.exists():
@@ -174,7 +180,6 @@ def run_search(
     Raises NascError for bad settings, unreadable data, or a budget nothing meets.
     """
     settings.check()
-    space = get_space(settings.space)
     rng = np.random.default_rng(settings.seed)
     notes: list[str] = []
     supernet = data = None
@@ -185,17 +190,19 @@ def run_search(
             raise NascError(f"tabular mode needs the nb201 space, not {settings.space!r}")
         from nasc.search.nas.tabular import load_table
 
-        tab = load_table(settings.tabular or None, space)
         cfg = NB201_TABLE_CONFIG
+        space = get_space(settings.space, cfg)
+        tab = load_table(settings.tabular or None, space)
         accuracy_source = f"table {tab.path.name}:{tab.column} (NB201 C=16 N=5, CIFAR-10)"
         notes.append("tabular mode: chosen.onnx has the chosen architecture with seeded untrained weights")
     else:
-        from nasc.search.nas import supernet as SN
+        from nasc.search.nas import train as TR
         from nasc.search.nas.data import load_data
 
         data = load_data(settings.data, settings.resolution, seed=settings.seed)
         cfg = SpaceConfig(settings.channels, settings.cells_per_stage, data.resolution, data.num_classes)
-        result = SN.train_supernet(
+        space = get_space(settings.space, cfg)
+        result = TR.train_supernet(
             space, cfg, data, settings.epochs, seed=settings.seed,
             progress=(lambda e, n, _loss: progress("supernet training", e, n)) if progress else None,
         )
@@ -210,7 +217,7 @@ def run_search(
     scores = table.score(settings.link, settings.int8)
     scoring_seconds = time.perf_counter() - t0
     if supernet is not None:
-        estimator = SN.SupernetEstimator(supernet, data, settings.bn_recal_batches, settings.seed)
+        estimator = TR.SupernetEstimator(supernet, data, settings.bn_recal_batches, settings.seed)
         acc = _estimate_all(settings, space, table, scores, estimator, rng, progress)
     else:
         acc = tab.accuracy
@@ -235,9 +242,11 @@ def run_search(
     search_seconds = time.perf_counter() - t_search - (train_seconds or 0.0)
 
     model, split_tensor = _export_chosen(space, cfg, chosen, supernet, data, settings)
+    chosen_json = pick_json(chosen, space, table, split_tensor)
+    chosen_json["device_memory_bytes_partitioner"] = partitioner_device_memory(model, chosen)
     report = SearchReport(
         settings=asdict(settings),
-        chosen=pick_json(chosen, space, table, split_tensor),
+        chosen=chosen_json,
         baseline=pick_json(base_a, space, table),
         baseline_no_split=pick_json(base_b, space, table),
         budget_ms=budget,
@@ -271,19 +280,38 @@ def run_search(
     return report
 
 
+def partitioner_device_memory(model, chosen: S.Pick) -> int:
+    """Device peak memory nasc's partitioner computes for the annotated cut of the exported model.
+
+    The table uses the partitioner's definition (weights of the head + peak live activations in
+    execution order), so the two agree exactly; the exporter merging equal weight tensors can only
+    make the partitioner's figure smaller. A larger one means the table under-counts: a bug.
+    """
+    from nasc.compile import plan
+
+    got = plan(model, split="annotated").cut.device_peak_memory_bytes
+    if got > chosen.device_memory_bytes:
+        raise NascError(
+            f"internal: the partitioner puts the chosen cut at {got} device bytes, the latency table at "
+            f"{chosen.device_memory_bytes}; the table under-counts device memory (please report)"
+        )
+    return int(got)
+
+
 def _export_chosen(space, cfg: SpaceConfig, chosen: S.Pick, supernet, data, settings: SearchSettings):
     """ONNX of the chosen subnet with `nasc.split` set, checked against torch through ORT."""
     import torch
 
     from nasc.search.nas import supernet as SN
+    from nasc.search.nas import train as TR
     from nasc.search.nas.export import export_subnet, run_onnx, split_metadata
 
     if supernet is not None:
-        net = SN.subnet_for(supernet, chosen.arch_index, data, settings.bn_recal_batches, settings.seed)
+        net = TR.subnet_for(supernet, chosen.arch_index, data, settings.bn_recal_batches, settings.seed)
         weights = "inherited from the supernet, BN recalibrated"
     else:
         torch.manual_seed(settings.seed)
-        net = space.build_supernet(cfg).subnet(chosen.arch_index).eval()
+        net = SN.distinct_weights(space.build_supernet(cfg).subnet(chosen.arch_index), settings.seed).eval()
         weights = "seeded random (tabular mode: accuracy from the table)"
     model, tensors = export_subnet(
         net, cfg.input_shape,

@@ -1,8 +1,9 @@
 """Latency, payload and device memory of every (architecture, cut) pair, vectorised.
 
-Each probed term (one op at one stage, the stem, a reduction, the head) is exported to ONNX once
-and priced by nasc's latency model; a block costs the sum of its terms, so all 15,625 x K pairs
-are scored with one einsum and two cumulative sums per link.
+Each probed term (an op at one stage or a block choice, the stem, a reduction, the head) is
+exported to ONNX once and priced by nasc's latency model; a block costs the sum of its terms, so
+all A x K pairs are scored with one matrix product and cumulative sums per link. Device memory is
+the partitioner's `device_peak_memory_bytes`: head weights plus peak live activations.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ NodeCost = Callable[[ModelProto, str], np.ndarray]
 
 
 def nasc_node_cost(device=None, server=None) -> tuple[NodeCost, str]:
-    """nasc's own latency model (analytic roofline unless measured profiles are given) and its label."""
+    """nasc's own latency model and its label: analytic roofline for a hardware profile (or none),
+    measured kernels for a kernel profile from nasc-profile, per side."""
     from nasc.defaults import DEFAULT_DEVICE, DEFAULT_SERVER
     from nasc.partitioner import analyze, load_model
-    from nasc.search.latency import AnalyticLatencyModel
+    from nasc.search.latency import latency_model_for
 
-    model = AnalyticLatencyModel(device or DEFAULT_DEVICE, server or DEFAULT_SERVER)
+    model = latency_model_for(device or DEFAULT_DEVICE, server or DEFAULT_SERVER)
 
     def cost(onnx_model: ModelProto, side: str) -> np.ndarray:
         return model.node_ms(analyze(load_model(onnx_model)), side)
@@ -37,7 +39,12 @@ def nasc_node_cost(device=None, server=None) -> tuple[NodeCost, str]:
 
 
 def param_bytes(model: ModelProto) -> int:
-    return int(sum(np.prod(t.dims, dtype=np.int64) * D.FLOAT_BYTES for t in model.graph.initializer))
+    """Weight bytes as the partitioner counts them: initializers after nasc's PREPARE passes
+    (which turn constants such as a Mul's scalar into initializers)."""
+    from nasc.partitioner import analyze, load_model
+    from nasc.passes import prepare
+
+    return int(sum(analyze(load_model(prepare(load_model(model)))).initializer_bytes.values()))
 
 
 @dataclass(frozen=True)
@@ -52,12 +59,12 @@ def probe_terms(space: SearchSpace, cfg: SpaceConfig, structure: BlockStructure,
     import torch
 
     from nasc.search.nas.export import INPUT_NAME, export_onnx
-    from nasc.search.nas.supernet import AfterProducer
+    from nasc.search.nas.supernet import AfterProducer, distinct_weights
 
     torch.manual_seed(D.DEFAULT_SEED)
     dev, srv, params = [], [], []
     for term in structure.terms:
-        module = space.term_module(cfg, term)
+        module = distinct_weights(space.term_module(cfg, term))
         if term.after_producer:
             module = AfterProducer(module)
         m = export_onnx(module, [term.input_shape] * term.num_inputs)

@@ -10,7 +10,7 @@ import itertools
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -66,7 +66,7 @@ class BlockStructure:
     term_counts: np.ndarray  # (A, B, T) uint8
     out_bytes: np.ndarray  # (B,) bytes of each block's output tensor
     input_bytes: int
-    peak_act_bytes: np.ndarray  # (A, B) working-set estimate of each block
+    peak_act_bytes: np.ndarray  # (A, B) peak live activation bytes of each block (see live_peak)
 
     @property
     def num_blocks(self) -> int:
@@ -79,7 +79,11 @@ class BlockStructure:
 
 
 class SearchSpace(Protocol):
-    """What the search needs from a space; a new space implements these and nothing else."""
+    """What the search needs from a space; a new space implements these and nothing else.
+
+    A space is built for a macro skeleton (`get_space(name, cfg)`), so one whose set of archs
+    depends on depth (mbv2) fits as well as one that does not (nb201).
+    """
 
     name: str
     num_archs: int
@@ -146,56 +150,109 @@ def nb201_live_edges(ops: np.ndarray) -> np.ndarray:
 # Kernel terms of one cell, as they appear in its exported graph (see nb201_cell_terms).
 CELL_TERMS = ("nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3", "relu", "relu_fused", "add", "add_unfused", "zero")
 
+# One node of a block's exported graph: (kind, input tensor ids, output tensor id).
+Node = tuple[str, tuple[str, ...], str]
+BLOCK_INPUT = "x"
+
+
+def nb201_cell_nodes(ops, live) -> list[Node]:
+    """The nodes the exporter emits for one cell, in execution order, over tensor ids ("x" = input).
+
+    A conv edge is ReLU -> Conv (BN folded); a node fed by one edge is that edge's tensor, one fed
+    by several adds them up in edge order; identical nodes on the same tensors (the ReLU or AvgPool
+    of a source, a repeated sum) are merged at their first use, as the exporter's CSE does; an
+    unreachable output node is `x * 0`.
+    """
+    nodes: list[Node] = []
+    made: dict[tuple, str] = {}
+
+    def once(kind: str, *inputs: str) -> str:
+        key = (kind, *inputs)
+        if key not in made:
+            made[key] = f"{kind}({','.join(inputs)})"
+            nodes.append((kind, inputs, made[key]))
+        return made[key]
+
+    value = {0: BLOCK_INPUT}  # cell node -> tensor holding it
+    for j in (1, 2, 3):
+        acc = None
+        for e in np.flatnonzero((EDGE_DST == j) & np.asarray(live, dtype=bool)):
+            src, op = value[int(EDGE_SRC[e])], int(ops[e])
+            if op in (CONV1, CONV3):
+                y = f"conv{e}"
+                nodes.append((D.NB201_OPS[op], (once("relu", src),), y))
+            elif op == POOL:
+                y = once("avg_pool_3x3", src)
+            else:
+                y = src
+            acc = y if acc is None else once("add", acc, y)
+        if acc is not None:
+            value[j] = acc
+    if 3 not in value:
+        once("zero", BLOCK_INPUT)
+    return nodes
+
+
+def _readers(nodes: list[Node]) -> dict[str, int]:
+    count: dict[str, int] = {}
+    for _, inputs, _ in nodes:
+        for t in set(inputs):
+            count[t] = count.get(t, 0) + 1
+    return count
+
 
 def nb201_cell_terms(ops, live) -> dict[str, int]:
-    """How often each kernel term runs in one cell of the exported graph.
+    """How often each kernel term runs in one cell of the exported graph (see nb201_cell_nodes).
 
-    Mirrors what the exporter emits: a conv edge is ReLU -> Conv (BN folded); identical nodes
-    on the same tensor are merged (one ReLU and one AvgPool per source, whatever the number of
-    edges); a node fed by one edge is that edge's tensor. A ReLU, or a node's first Add, is fused
-    into its input's producer when it is that tensor's only reader (nasc's analysis rule).
+    A ReLU or Add is fused into its first input's producer when it is that tensor's only reader
+    (nasc's analysis rule); the cell input always has a producer (the block before).
     """
+    nodes = nb201_cell_nodes(ops, live)
+    readers = _readers(nodes)
     counts = dict.fromkeys(CELL_TERMS, 0)
-    value = {0: "x"}  # node -> id of the tensor holding it
-    readers: dict[str, set[str]] = {}
-    firsts: list[str] = []  # first input of every node's first Add
-    relus: list[str] = []
-    for j in (1, 2, 3):
-        ins = []
-        for e in np.flatnonzero((EDGE_DST == j) & np.asarray(live, dtype=bool)):
-            src, op = value.get(int(EDGE_SRC[e])), ops[e]
-            if op in (CONV1, CONV3):
-                counts[D.NB201_OPS[op]] += 1
-                if f"r{src}" not in readers:
-                    relus.append(src)
-                readers.setdefault(src, set()).add(f"r{src}")
-                readers.setdefault(f"r{src}", set())
-                ins.append(f"c{e}")
-            elif op == POOL:
-                readers.setdefault(src, set()).add(f"p{src}")
-                readers.setdefault(f"p{src}", set())
-                ins.append(f"p{src}")
-            else:
-                ins.append(src)
-        if not ins:
-            continue
-        acc = ins[0]
-        if len(ins) >= 2:
-            firsts.append(acc)
-        for k, v in enumerate(ins[1:]):
-            add = f"a{j}.{k}"
-            readers.setdefault(acc, set()).add(add)
-            readers.setdefault(v, set()).add(add)
-            acc = add
-        counts["add"] += max(len(ins) - 2, 0)
-        value[j] = acc
-    counts["avg_pool_3x3"] = sum(1 for v in readers if v.startswith("p"))
-    for src in relus:
-        counts["relu_fused" if len(readers[src]) == 1 else "relu"] += 1
-    for v in firsts:
-        counts["add" if len(readers.get(v, ())) == 1 else "add_unfused"] += 1
-    counts["zero"] = int(3 not in value)
+    for kind, inputs, _ in nodes:
+        if kind in ("relu", "add"):
+            fused = readers[inputs[0]] == 1
+            kind = {"relu": "relu_fused" if fused else "relu", "add": "add" if fused else "add_unfused"}[kind]
+        counts[kind] += 1
     return counts
+
+
+def live_peak(nodes: list[Node], size: Callable[[str], int]) -> int:
+    """Most activation bytes alive at once while a block's nodes run, by nasc's partitioner rule.
+
+    A tensor lives from its producer to its last reader; the block input from before the block,
+    the block output (read by no node here) to the end. In a chain of blocks nothing else is
+    alive, so a head's peak is the largest peak of its blocks.
+    """
+    last: dict[str, int] = {}
+    for p, (_, inputs, _) in enumerate(nodes):
+        for t in inputs:
+            last[t] = p
+    n = len(nodes)
+    spans = [(-1, last.get(BLOCK_INPUT, -1), size(BLOCK_INPUT))]
+    spans += [(p, last.get(out, n), size(out)) for p, (_, _, out) in enumerate(nodes)]
+    return max((sum(b for s, e, b in spans if s <= p <= e) for p in range(n)), default=0)
+
+
+# Fixed blocks as exported (BN folded into the convs): the stem's conv; the residual reduction
+# (shortcut first, as its forward computes it); the head's BN-ReLU-GAP-linear.
+STEM_NODES: list[Node] = [("conv", (BLOCK_INPUT,), "out")]
+NB201_REDUCTION_NODES: list[Node] = [
+    ("avg_pool_2x2", (BLOCK_INPUT,), "pool"),
+    ("conv_1x1", ("pool",), "shortcut"),
+    ("relu", (BLOCK_INPUT,), "relu"),
+    ("conv_a", ("relu",), "a"),
+    ("relu", ("a",), "relu_a"),
+    ("conv_b", ("relu_a",), "b"),
+    ("add", ("shortcut", "b"), "out"),
+]
+NB201_HEAD_NODES: list[Node] = [
+    ("batchnorm", (BLOCK_INPUT,), "bn"),
+    ("relu", ("bn",), "relu"),
+    ("mean", ("relu",), "mean"),
+    ("linear", ("mean",), "logits"),
+]
 
 
 def nb201_arch_str(ops) -> str:
@@ -247,6 +304,15 @@ class NB201Space:
         """(A, len(CELL_TERMS)) kernel-term counts of one cell of every arch."""
         rows = [nb201_cell_terms(o, l) for o, l in zip(self.ops.tolist(), self.live)]
         return np.array([[r[t] for t in CELL_TERMS] for r in rows], dtype=np.uint8)
+
+    @cached_property
+    def cell_peak_units(self) -> np.ndarray:
+        """(A,) peak live activations of one cell, in cell-sized tensors (all of a cell's tensors
+        have the shape of its input)."""
+        return np.array(
+            [live_peak(nb201_cell_nodes(o, l), lambda _t: 1) for o, l in zip(self.ops.tolist(), self.live)],
+            dtype=np.int64,
+        )
 
     @cached_property
     def _index_of(self) -> dict[tuple[int, ...], int]:
@@ -319,33 +385,29 @@ class NB201Space:
         peak = np.zeros((A, len(names)), dtype=np.float64)
         out_bytes = np.zeros(len(names), dtype=np.float64)
 
-        live = self.live
-        into3 = live[:, 3:6].sum(1)
-        into2 = live[:, 1:3].sum(1)
-        inner_nodes = live[:, 0].astype(int) + (into2 > 0)
-        # A cell holds its input, the live inner nodes, one op output and the accumulator.
-        cell_peak_units = np.where(into3 > 0, 3 + inner_nodes, 2)
         input_bytes = int(np.prod(cfg.input_shape)) * D.FLOAT_BYTES
         class_bytes = cfg.num_classes * D.FLOAT_BYTES
         for b, name in enumerate(names):
             if name == "stem":
                 counts[:, b, t_index["stem"]] = 1
-                peak[:, b] = input_bytes + act[0]
+                peak[:, b] = live_peak(STEM_NODES, {BLOCK_INPUT: input_bytes, "out": act[0]}.get)
                 out_bytes[b] = act[0]
             elif name.startswith("reduce"):
                 s = int(name[-1])
                 counts[:, b, t_index[name]] = 1
-                peak[:, b] = act[s - 1] + 2 * act[s]
+                sizes = {BLOCK_INPUT: act[s - 1], "relu": act[s - 1], "pool": act[s - 1] // 4}
+                peak[:, b] = live_peak(NB201_REDUCTION_NODES, lambda t, sizes=sizes, s=s: sizes.get(t, act[s]))
                 out_bytes[b] = act[s]
             elif name == "head":
                 counts[:, b, t_index["head"]] = 1
-                peak[:, b] = act[2] + class_bytes
+                sizes = {"mean": shapes[2][1] * D.FLOAT_BYTES, "logits": class_bytes}
+                peak[:, b] = live_peak(NB201_HEAD_NODES, lambda t, sizes=sizes: sizes.get(t, act[2]))
                 out_bytes[b] = class_bytes
             else:
                 s = int(name[4])
                 cols = [t_index[f"s{s}.{name}"] for name in CELL_TERMS]
                 counts[:, b, cols] = self.cell_terms
-                peak[:, b] = cell_peak_units * act[s]
+                peak[:, b] = self.cell_peak_units * act[s]
                 out_bytes[b] = act[s]
         return BlockStructure(tuple(names), terms, counts, out_bytes, input_bytes, peak)
 
@@ -360,12 +422,223 @@ class NB201Space:
         return supernet.NB201Supernet(self, cfg)
 
 
-SPACES: dict[str, type] = {"nb201": NB201Space}
+# --------------------------------------------------------------------------- MobileNetV2 / FBNet
 
 
-def get_space(name: str) -> SearchSpace:
-    """The registered space called `name` (NascError listing the known ones otherwise)."""
+def mbv2_choice_name(kernel: int, expansion: int) -> str:
+    return f"k{kernel}e{expansion}"
+
+
+MBV2_CONV_CHOICES = tuple(
+    (k, e, mbv2_choice_name(k, e)) for k in D.MBV2_KERNELS for e in D.MBV2_EXPANSIONS
+)
+
+
+@dataclass(frozen=True)
+class MBV2Block:
+    """One searchable inverted-residual position: its shapes and the choices it offers."""
+
+    name: str
+    c_in: int
+    c_out: int
+    stride: int
+    resolution_in: int
+    choices: tuple[str, ...]
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.c_in == self.c_out
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.c_in, self.resolution_in, self.resolution_in)
+
+    @property
+    def resolution_out(self) -> int:
+        return self.resolution_in // self.stride
+
+
+def mbv2_block_nodes(residual: bool) -> list[Node]:
+    """An inverted residual as exported (BN folded): 1x1 expand, ReLU, depthwise, ReLU, 1x1 project,
+    then the shortcut Add (project output first) when the block keeps its shape."""
+    nodes: list[Node] = [
+        ("conv_expand", (BLOCK_INPUT,), "expand"),
+        ("relu", ("expand",), "relu1"),
+        ("conv_depthwise", ("relu1",), "dw"),
+        ("relu", ("dw",), "relu2"),
+        ("conv_project", ("relu2",), "project"),
+    ]
+    return nodes + [("add", ("project", BLOCK_INPUT), "out")] if residual else nodes
+
+
+MBV2_STEM_NODES: list[Node] = [("conv", (BLOCK_INPUT,), "conv"), ("relu", ("conv",), "out")]
+MBV2_HEAD_NODES: list[Node] = [
+    ("conv_1x1", (BLOCK_INPUT,), "conv"),
+    ("relu", ("conv",), "relu"),
+    ("mean", ("relu",), "mean"),
+    ("linear", ("mean",), "logits"),
+]
+
+
+class MBV2Space:
+    """MobileNetV2/FBNet-style chain: stem, 3 stages of N searchable inverted residuals, head.
+
+    Every block chooses its depthwise kernel and expansion independently (plus skip where the
+    block keeps its shape), so the space grows with depth: N=2 gives 6 blocks and 10,000 archs.
+    An arch is written as its choices joined by '-', first block first (e.g. k3e6-skip-...).
+    """
+
+    name = "mbv2"
+
+    def __init__(self, blocks_per_stage: int = D.DEFAULT_CELLS_PER_STAGE):
+        if blocks_per_stage < 1:
+            raise NascError(f"mbv2: blocks per stage must be >= 1, got {blocks_per_stage}")
+        self.blocks_per_stage = int(blocks_per_stage)
+        self.radices = tuple(len(self._choices(s, i)) for s in range(D.MBV2_STAGES) for i in range(blocks_per_stage))
+        self.num_archs = int(np.prod(self.radices))
+        if self.num_archs > D.MAX_DENSE_ARCHS:
+            raise NascError(
+                f"mbv2 with {blocks_per_stage} blocks per stage has {self.num_archs:,} archs; the dense "
+                f"latency table holds at most {D.MAX_DENSE_ARCHS:,} (use fewer blocks per stage)"
+            )
+
+    @staticmethod
+    def _choices(stage: int, i: int) -> tuple[str, ...]:
+        convs = tuple(c[2] for c in MBV2_CONV_CHOICES)
+        reduces = stage > 0 and i == 0
+        return convs if reduces else convs + (D.MBV2_SKIP,)
+
+    @cached_property
+    def choices(self) -> np.ndarray:
+        """(A, blocks) choice index of every block of every arch (mixed radix, first block most significant)."""
+        return np.stack(np.unravel_index(np.arange(self.num_archs), self.radices), axis=1).astype(np.int8)
+
+    def blocks(self, cfg: SpaceConfig) -> list[MBV2Block]:
+        out = []
+        for s in range(D.MBV2_STAGES):
+            for i in range(self.blocks_per_stage):
+                first = i == 0 and s > 0
+                out.append(MBV2Block(
+                    name=f"mb{s}.{i}", c_in=cfg.channels * 2 ** (s - 1 if first else s), c_out=cfg.channels * 2**s,
+                    stride=2 if first else 1, resolution_in=cfg.resolution // 2 ** (s - 1 if first else s),
+                    choices=self._choices(s, i),
+                ))
+        return out
+
+    def arch_choices(self, index: int) -> tuple[str, ...]:
+        row = self.choices[self._check(index)]
+        return tuple(self._choices(s, i)[int(row[s * self.blocks_per_stage + i])]
+                     for s in range(D.MBV2_STAGES) for i in range(self.blocks_per_stage))
+
+    def arch_str(self, index: int) -> str:
+        return "-".join(self.arch_choices(index))
+
+    def arch_index(self, arch: str) -> int:
+        names = arch.strip().split("-")
+        positions = [self._choices(s, i) for s in range(D.MBV2_STAGES) for i in range(self.blocks_per_stage)]
+        if len(names) != len(positions) or any(n not in opts for n, opts in zip(names, positions)):
+            raise NascError(
+                f"{arch!r}: not an mbv2 arch string ({len(positions)} blocks joined by '-', each one of "
+                f"{', '.join(positions[0])}; no {D.MBV2_SKIP} where a block changes shape)"
+            )
+        return int(np.ravel_multi_index([opts.index(n) for n, opts in zip(names, positions)], self.radices))
+
+    def random_arch(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(self.num_archs))
+
+    def mutate(self, index: int, rng: np.random.Generator) -> int:
+        """One block changed to a different choice."""
+        row = [int(v) for v in self.choices[self._check(index)]]
+        b = int(rng.integers(len(row)))
+        row[b] = int((row[b] + 1 + rng.integers(self.radices[b] - 1)) % self.radices[b])
+        return int(np.ravel_multi_index(row, self.radices))
+
+    def _check(self, index: int) -> int:
+        if not 0 <= int(index) < self.num_archs:
+            raise NascError(f"arch index {index} is outside the mbv2 space (0..{self.num_archs - 1})")
+        return int(index)
+
+    # -- structure ---------------------------------------------------------------------------
+    def _check_cfg(self, cfg: SpaceConfig) -> None:
+        if cfg.cells_per_stage != self.blocks_per_stage:
+            raise NascError(
+                f"mbv2 space built for {self.blocks_per_stage} blocks per stage, config has {cfg.cells_per_stage}"
+            )
+        if cfg.resolution % 4:
+            raise NascError(f"resolution {cfg.resolution}: mbv2 needs a multiple of 4 (two stride-2 stages)")
+
+    def block_names(self, cfg: SpaceConfig) -> list[str]:
+        return ["stem"] + [b.name for b in self.blocks(cfg)] + ["head"]
+
+    def terms(self, cfg: SpaceConfig) -> tuple[Term, ...]:
+        blocks = self.blocks(cfg)
+        out = [Term("stem", cfg.input_shape)]
+        out += [Term(f"{b.name}.{c}", b.input_shape) for b in blocks for c in b.choices if c != D.MBV2_SKIP]
+        last = blocks[-1]
+        return tuple(out + [Term("head", (1, last.c_out, last.resolution_out, last.resolution_out))])
+
+    def structure(self, cfg: SpaceConfig) -> BlockStructure:
+        self._check_cfg(cfg)
+        terms = self.terms(cfg)
+        t_index = {t.name: i for i, t in enumerate(terms)}
+        blocks = self.blocks(cfg)
+        names = self.block_names(cfg)
+        A = self.num_archs
+        counts = np.zeros((A, len(names), len(terms)), dtype=np.uint8)
+        peak = np.zeros((A, len(names)), dtype=np.float64)
+        out_bytes = np.zeros(len(names), dtype=np.float64)
+        fb = D.FLOAT_BYTES
+        input_bytes = int(np.prod(cfg.input_shape)) * fb
+        stem_bytes = cfg.channels * cfg.resolution**2 * fb
+        counts[:, 0, t_index["stem"]] = 1
+        peak[:, 0] = live_peak(MBV2_STEM_NODES, lambda t: input_bytes if t == BLOCK_INPUT else stem_bytes)
+        out_bytes[0] = stem_bytes
+        for j, blk in enumerate(blocks):
+            b = j + 1
+            r_in, r_out = blk.resolution_in, blk.resolution_out
+            out_bytes[b] = blk.c_out * r_out**2 * fb
+            for c, choice in enumerate(blk.choices):
+                rows = self.choices[:, j] == c
+                if choice == D.MBV2_SKIP:
+                    continue  # exports to nothing: no kernels, no new tensors
+                k, e, _ = next(x for x in MBV2_CONV_CHOICES if x[2] == choice)
+                hidden = blk.c_in * e
+                sizes = {BLOCK_INPUT: blk.c_in * r_in**2, "expand": hidden * r_in**2, "relu1": hidden * r_in**2,
+                         "dw": hidden * r_out**2, "relu2": hidden * r_out**2}
+                out = blk.c_out * r_out**2
+                counts[rows, b, t_index[f"{blk.name}.{choice}"]] = 1
+                peak[rows, b] = live_peak(mbv2_block_nodes(blk.residual), lambda t, s=sizes, o=out: s.get(t, o) * fb)
+        last = blocks[-1]
+        wide = last.c_out * D.MBV2_HEAD_EXPANSION
+        sizes = {BLOCK_INPUT: last.c_out * last.resolution_out**2, "mean": wide, "logits": cfg.num_classes}
+        counts[:, -1, t_index["head"]] = 1
+        peak[:, -1] = live_peak(MBV2_HEAD_NODES, lambda t: sizes.get(t, wide * last.resolution_out**2) * fb)
+        out_bytes[-1] = cfg.num_classes * fb
+        return BlockStructure(tuple(names), terms, counts, out_bytes, input_bytes, peak)
+
+    def term_module(self, cfg: SpaceConfig, term: Term):
+        from nasc.search.nas import supernet
+
+        return supernet.mbv2_term_module(self, cfg, term.name)
+
+    def build_supernet(self, cfg: SpaceConfig):
+        from nasc.search.nas import supernet
+
+        self._check_cfg(cfg)
+        return supernet.MBV2Supernet(self, cfg)
+
+
+# name -> factory from the macro skeleton (a space whose size depends on depth reads it here).
+SPACES: dict[str, Callable[[SpaceConfig], SearchSpace]] = {
+    "nb201": lambda cfg: NB201Space(),
+    "mbv2": lambda cfg: MBV2Space(cfg.cells_per_stage),
+}
+
+
+def get_space(name: str, cfg: SpaceConfig | None = None) -> SearchSpace:
+    """The registered space called `name` for the skeleton `cfg` (NascError listing the known ones otherwise)."""
     try:
-        return SPACES[name]()
+        factory = SPACES[name]
     except KeyError:
         raise NascError(f"unknown search space {name!r}; known: {', '.join(sorted(SPACES))}") from None
+    return factory(cfg or SpaceConfig())

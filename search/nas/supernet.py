@@ -1,28 +1,17 @@
-"""One-shot weight-sharing NB201 supernet, its fixed subnets, training and accuracy estimation.
-
-Training samples one path per step uniformly at random (single-path one-shot, Guo et al. 2020).
-Uniform sampling gives every op the same share of updates, so the inherited weights are not
-biased toward what an early controller happened to like (the failure mode of DARTS/ENAS-style
-coupling); it has no extra hyper-parameters, and on NB201 it ranks about as well as the
-alternatives studied (Yu et al. 2020, "Evaluating the search phase of NAS"; Dong & Yang 2020).
-A candidate's accuracy is the validation accuracy of its subnet with inherited weights, after
-BN recalibration on a few training batches (measured to help ranking: see benchmarks/nas_table.py).
+"""One-shot weight-sharing supernets (NB201 cells, MobileNetV2 blocks), their fixed subnets and
+the modules probed for latency; `train` trains them and estimates candidate accuracy.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from nasc.search.nas import defaults as D
-from nasc.search.nas.data import Dataset
-from nasc.search.nas.space import CONV1, CONV3, EDGE_DST, EDGE_SRC, POOL, SKIP, SpaceConfig
+from nasc.search.nas.space import CONV1, CONV3, EDGE_DST, EDGE_SRC, MBV2_CONV_CHOICES, POOL, SKIP, SpaceConfig
 
 
 class ReLUConvBN(nn.Sequential):
@@ -202,6 +191,116 @@ def nb201_term_module(cfg: SpaceConfig, name: str) -> nn.Module:
     }[op]()
 
 
+# --------------------------------------------------------------------------- MobileNetV2 / FBNet
+#
+# Weight sharing: every block holds one separate module per (kernel, expansion) choice, as in
+# SPOS and FBNet, rather than slicing the largest kernel/expansion as OFA does. Slicing makes the
+# 3x3 kernel the centre of the 5x5 one and the e=3 channels a prefix of the e=6 ones, which OFA
+# only untangles with kernel-transform matrices and a long progressive-shrinking schedule; with a
+# few CPU epochs the coupling would blur exactly the differences the ranking must see. Separate
+# candidates cost memory (4 per block) that is negligible at these widths, and a subnet is then a
+# plain copy of the chosen modules.
+
+
+class MBV2Stem(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, k x k depthwise (stride), 1x1 linear project; residual if shape kept."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, expansion: int, stride: int):
+        super().__init__()
+        hidden = c_in * expansion
+        self.expand = nn.Sequential(nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+        )
+        self.project = nn.Sequential(nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        y = self.project(self.depthwise(self.expand(x)))
+        return y + x if self.residual else y
+
+
+class MBV2Head(nn.Module):
+    def __init__(self, c: int, num_classes: int):
+        super().__init__()
+        wide = c * D.MBV2_HEAD_EXPANSION
+        self.conv = nn.Sequential(nn.Conv2d(c, wide, 1, bias=False), nn.BatchNorm2d(wide), nn.ReLU())
+        self.fc = nn.Linear(wide, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _mbv2_candidate(block, choice: str) -> nn.Module:
+    kernel, expansion, _ = next(c for c in MBV2_CONV_CHOICES if c[2] == choice)
+    return InvertedResidual(block.c_in, block.c_out, kernel, expansion, block.stride)
+
+
+class MBV2Supernet(nn.Module):
+    """Every arch of an MBV2Space in one module; `forward(x, index)` runs one path."""
+
+    def __init__(self, space, cfg: SpaceConfig):
+        super().__init__()
+        self.space, self.cfg = space, cfg
+        self.layout = space.blocks(cfg)
+        self.stem = MBV2Stem(cfg.in_channels, cfg.channels)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({c: _mbv2_candidate(b, c) for c in b.choices if c != D.MBV2_SKIP}) for b in self.layout
+        )
+        self.head = MBV2Head(self.layout[-1].c_out, cfg.num_classes)
+
+    def forward(self, x, index: int):
+        x = self.stem(x)
+        for candidates, choice in zip(self.blocks, self.space.arch_choices(index)):
+            if choice != D.MBV2_SKIP:
+                x = candidates[choice](x)
+        return self.head(x)
+
+    def subnet(self, index: int) -> Subnet:
+        """A standalone copy of arch `index` with the inherited weights (a skipped block is an Identity)."""
+        chosen = [
+            nn.Identity() if c == D.MBV2_SKIP else copy.deepcopy(candidates[c])
+            for candidates, c in zip(self.blocks, self.space.arch_choices(index))
+        ]
+        blocks = [copy.deepcopy(self.stem), *chosen, copy.deepcopy(self.head)]
+        return Subnet(blocks, self.space.block_names(self.cfg))
+
+
+def mbv2_term_module(space, cfg: SpaceConfig, name: str) -> nn.Module:
+    """The module whose ONNX export is probed for latency term `name` (see MBV2Space.terms)."""
+    layout = space.blocks(cfg)
+    if name == "stem":
+        return MBV2Stem(cfg.in_channels, cfg.channels)
+    if name == "head":
+        return MBV2Head(layout[-1].c_out, cfg.num_classes)
+    block, choice = name.rsplit(".", 1)
+    return _mbv2_candidate(next(b for b in layout if b.name == block), choice)
+
+
+def distinct_weights(module: nn.Module, seed: int = D.DEFAULT_SEED) -> nn.Module:
+    """Seeded small positive offsets on every BN's affine parameters and statistics (in place, returned).
+
+    Freshly built BNs are all alike (weight 1, bias 0, mean 0, var 1) and fold into equal conv
+    biases, which the ONNX exporter merges into one initializer; a trained network has no equal
+    tensors, so probes and untrained exports use this to carry the weights a trained one would.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for t in (m.weight, m.bias, m.running_mean, m.running_var):
+                    if t is not None:
+                        t.add_(D.DISTINCT_BN_OFFSET * torch.rand(t.shape, generator=g))
+    return module
+
+
 class AfterProducer(nn.Module):
     """Feeds the first input through a ReLU: the producer a probed term has inside a network."""
 
@@ -221,144 +320,3 @@ class _Add(nn.Module):
 class _Zero(nn.Module):
     def forward(self, x):
         return x.mul(0.0)
-
-
-# --------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrainResult:
-    supernet: nn.Module
-    seconds: float
-    epochs: int
-    losses: list[float] = field(default_factory=list)
-
-
-def _batches(n: int, batch_size: int, rng: np.random.Generator, shuffle: bool = True):
-    order = rng.permutation(n) if shuffle else np.arange(n)
-    for i in range(0, n, batch_size):
-        yield order[i : i + batch_size]
-
-
-def train_supernet(
-    space,
-    cfg: SpaceConfig,
-    data: Dataset,
-    epochs: int = D.DEFAULT_EPOCHS,
-    batch_size: int = D.DEFAULT_BATCH_SIZE,
-    lr: float = D.DEFAULT_LR,
-    seed: int = D.DEFAULT_SEED,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> TrainResult:
-    """Train the supernet once with uniform single-path sampling (SGD + cosine schedule).
-
-    Deterministic for a given seed; `progress(epoch, epochs, mean_loss)` is called after each epoch.
-    """
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net = space.build_supernet(cfg)
-    steps = max(1, epochs * -(-len(data.train_x) // batch_size))
-    opt = torch.optim.SGD(
-        net.parameters(), lr=lr, momentum=D.DEFAULT_MOMENTUM, weight_decay=D.DEFAULT_WEIGHT_DECAY, nesterov=True
-    )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    x_all, y_all = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
-    losses: list[float] = []
-    start = time.perf_counter()
-    net.train()
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        for idx in _batches(len(x_all), batch_size, rng):
-            arch = space.random_arch(rng)
-            loss = nn.functional.cross_entropy(net(x_all[idx], arch), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), D.GRAD_CLIP_NORM)
-            opt.step()
-            sched.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
-        losses.append(total / max(count, 1))
-        if progress:
-            progress(epoch + 1, epochs, losses[-1])
-    net.eval()
-    return TrainResult(net, time.perf_counter() - start, epochs, losses)
-
-
-def recalibrate_bn(model: nn.Module, data: Dataset, batches: int, batch_size: int, seed: int) -> None:
-    """Replace BN running statistics by exact averages over `batches` fixed training batches."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or batches <= 0:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    rng = np.random.default_rng(seed)
-    x_all = torch.from_numpy(data.train_x)
-    model.train()
-    with torch.no_grad():
-        for i, idx in enumerate(_batches(len(x_all), batch_size, rng)):
-            if i >= batches:
-                break
-            model(x_all[idx])
-    model.eval()
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            pred = model(torch.from_numpy(x[i : i + batch_size])).argmax(1).numpy()
-            correct += int((pred == y[i : i + batch_size]).sum())
-    return 100.0 * correct / max(len(y), 1)
-
-
-def subnet_for(
-    supernet, index: int, data: Dataset, bn_recal_batches: int = D.DEFAULT_BN_RECAL_BATCHES, seed: int = D.DEFAULT_SEED
-) -> Subnet:
-    """Arch `index` with inherited weights, BN recalibrated when `bn_recal_batches` > 0."""
-    net = supernet.subnet(index)
-    recalibrate_bn(net, data, bn_recal_batches, D.DEFAULT_BATCH_SIZE, seed)
-    return net.eval()
-
-
-class SupernetEstimator:
-    """Candidate accuracy = validation accuracy of the inherited-weight subnet (memoised)."""
-
-    def __init__(self, supernet, data: Dataset, bn_recal_batches: int = D.DEFAULT_BN_RECAL_BATCHES, seed: int = 0):
-        self.supernet, self.data, self.bn_recal_batches, self.seed = supernet, data, bn_recal_batches, seed
-        self.cache: dict[int, float] = {}
-
-    def __call__(self, index: int) -> float:
-        index = int(index)
-        if index not in self.cache:
-            net = subnet_for(self.supernet, index, self.data, self.bn_recal_batches, self.seed)
-            self.cache[index] = accuracy(net, self.data.val_x, self.data.val_y)
-        return self.cache[index]
-
-
-def train_standalone(
-    space, cfg: SpaceConfig, index: int, data: Dataset, epochs: int, batch_size: int = D.DEFAULT_BATCH_SIZE,
-    lr: float = D.DEFAULT_LR, seed: int = D.DEFAULT_SEED,
-) -> float:
-    """Validation accuracy of arch `index` trained from scratch alone (ground truth for ranking)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net = space.build_supernet(cfg).subnet(index)
-    steps = max(1, epochs * -(-len(data.train_x) // batch_size))
-    opt = torch.optim.SGD(
-        net.parameters(), lr=lr, momentum=D.DEFAULT_MOMENTUM, weight_decay=D.DEFAULT_WEIGHT_DECAY, nesterov=True
-    )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    x_all, y_all = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
-    net.train()
-    for _ in range(epochs):
-        for idx in _batches(len(x_all), batch_size, rng):
-            loss = nn.functional.cross_entropy(net(x_all[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), D.GRAD_CLIP_NORM)
-            opt.step()
-            sched.step()
-    return accuracy(net, data.val_x, data.val_y)

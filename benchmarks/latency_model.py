@@ -1,0 +1,159 @@
+"""Latency-model accuracy: predicted vs measured head and tail at every cut of held-out models.
+
+Three models price each half, side by side on the same measured cuts (benchmarks/cut_times.py):
+- predicted: the kernel-time predictor fitted only on the sampled calibration suite (no kernel
+  of the evaluated model was measured: every model here is held out);
+- measured: the model's own kernels measured standalone, summed (suite predictor for the parts
+  of a fused kernel a cut breaks);
+- analytic: the roofline defaults.
+Reports the share of halves within +-10% and the MAPE; writes results/latency_model.json.
+
+    python benchmarks/latency_model.py [MODEL ...] [--suite N] [--limit-cuts N]
+"""
+
+from __future__ import annotations
+
+import os
+
+# as in cut_times.py: TVM_NUM_THREADS (default 2) before tvm is imported
+THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", "2"))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cut_times import MODELS, build_model, cut_id, measure_cut_times  # noqa: E402
+
+from nasc import defaults  # noqa: E402
+from nasc.backends import profile as prof  # noqa: E402
+from nasc.backends.targets import host_cpu, resolve_target  # noqa: E402
+from nasc.compile import plan  # noqa: E402
+from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, half_ms  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROFILES = RESULTS / "profiles"
+TOLERANCE_PCT = 10.0
+MODES = ("predicted", "measured", "analytic")
+
+
+def _log(msg: str) -> None:
+    print(f"  · {msg}", flush=True)
+
+
+def suite_profile(target, size: int) -> prof.KernelProfile:
+    """The calibration-suite profile of this host (measured once, then reused)."""
+    path = PROFILES / f"{target.name}-t{THREADS}-suite{size}.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        if doc.get("target") == target.to_json() and doc.get("host_cpu") == host_cpu() and doc.get("threads") == THREADS:
+            return prof.kernel_profile(doc, str(path))
+    PROFILES.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    kernels, features = prof.measure_suite(target, size, log=_log)
+    doc = prof.save_profile(path, target, kernels, features, {"models": [f"calibration-suite:{size}"],
+                                                             "measure_seconds": round(time.perf_counter() - t0, 1)})
+    return prof.kernel_profile(doc, str(path))
+
+
+def model_kernels(name: str, a, target) -> dict[str, float]:
+    """The model's own kernels, measured standalone (cached beside the suite profile)."""
+    path = PROFILES / f"{target.name}-t{THREADS}-{name}-kernels.json"
+    key = {"target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS, "kernels": sorted({g.signature for g in prof.kernel_groups(a)})}
+    if path.exists():
+        doc = json.loads(path.read_text())
+        if doc.get("key") == key:
+            return doc["times"]
+    times = prof.measure_kernels(a, target, log=_log)
+    path.write_text(json.dumps({"key": key, "times": times}, indent=1))
+    return times
+
+
+def _errors(pred: np.ndarray, meas: np.ndarray) -> dict:
+    e = 100.0 * (pred - meas) / meas
+    a = np.abs(e)
+    return {"n": int(len(a)), "within_10pct": float((a <= TOLERANCE_PCT).mean()) if len(a) else None,
+            "mape_pct": float(a.mean()) if len(a) else None, "median_ape_pct": float(np.median(a)) if len(a) else None,
+            "mean_signed_pct": float(e.mean()) if len(a) else None}
+
+
+def evaluate(name: str, suite: prof.KernelProfile, target, limit_cuts: int | None) -> dict:
+    times = measure_cut_times(name, target.name, limit_cuts=limit_cuts, log=_log)
+    p = plan(build_model(name))
+    a = p.analysis
+    by_id = {cut_id(c.kind, c.tensors): c for c in p.cuts}
+    rows = [(by_id[cut_id(r["kind"], r["tensors"])], r) for r in times["cuts"] if cut_id(r["kind"], r["tensors"]) in by_id]
+    own = {**suite.kernels, **model_kernels(name, a, target)}
+    analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
+    host = prof.KernelProfile(suite.target, own, {}, suite.predictor)
+    models = {
+        "predicted": MeasuredLatencyModel(analytic, suite, suite),
+        "measured": MeasuredLatencyModel(analytic, host, host),
+        "analytic": analytic,
+    }
+    out = {"model": name, "config": MODELS.get(name), "cuts_measured": len(rows), "cuts_total": len(p.cuts),
+           "whole_model_ms": times["whole_model"]["ms"], "modes": {}}
+    masks = np.stack([c.head_mask for c, _ in rows]).astype(bool)
+    for half, side, sel, key in (("head", DEVICE, masks, "head_ms"), ("tail", SERVER, ~masks, "tail_ms")):
+        has = sel.any(axis=1)
+        meas = np.array([r[key] for _, r in rows])[has]
+        for mode, lm in models.items():
+            call = lm.call_ms(side) if hasattr(lm, "call_ms") else 0.0
+            pred = half_ms(lm, a, sel[has], side) + call
+            out["modes"].setdefault(mode, {})[half] = _errors(pred, meas)
+            out["modes"][mode].setdefault("per_cut", {})[half] = [
+                {"index": c.index, "predicted_ms": float(pv), "measured_ms": float(mv)}
+                for (c, _), pv, mv in zip([rw for rw, h in zip(rows, has) if h], pred, meas)]
+        out.setdefault("source", {})[half] = models["predicted"].source
+    for mode in MODES:
+        both = [x for h in ("head", "tail") for x in out["modes"][mode]["per_cut"][h]]
+        out["modes"][mode]["all"] = _errors(np.array([x["predicted_ms"] for x in both]), np.array([x["measured_ms"] for x in both]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", default=list(MODELS))
+    ap.add_argument("--suite", type=int, default=prof.SUITE_SIZE, help="calibration suite size")
+    ap.add_argument("--limit-cuts", type=int, default=None, help="measure only N cuts per model (quick runs)")
+    args = ap.parse_args(argv)
+    target = resolve_target("llvm")
+    t0 = time.perf_counter()
+    suite = suite_profile(target, args.suite)
+    results = []
+    for name in args.models:
+        print(f"{name}:", flush=True)
+        results.append(evaluate(name, suite, target, args.limit_cuts))
+    print(f"\nheld-out models, llvm on {host_cpu()}, {THREADS} threads; predictor fitted on the {args.suite}-kernel suite "
+          f"({', '.join(f'{v} {k}' for k, v in sorted(suite.predictor.samples.items()))})")
+    print(f"{'model':12s} {'cuts':>5s} | " + " | ".join(f"{m:^27s}" for m in MODES))
+    print(f"{'':12s} {'':>5s} | " + " | ".join(f"{'head ±10%/MAPE':>13s} {'tail ±10%/MAPE':>13s}" for _ in MODES))
+    for r in results:
+        cells = []
+        for m in MODES:
+            h, t = r["modes"][m]["head"], r["modes"][m]["tail"]
+            cells.append(f"{h['within_10pct'] * 100:4.0f}%/{h['mape_pct']:6.1f}% {t['within_10pct'] * 100:4.0f}%/{t['mape_pct']:6.1f}%")
+        print(f"{r['model']:12s} {r['cuts_measured']:5d} | " + " | ".join(cells))
+    overall = {}
+    for m in MODES:
+        per = [x for r in results for h in ("head", "tail") for x in r["modes"][m]["per_cut"][h]]
+        overall[m] = _errors(np.array([x["predicted_ms"] for x in per]), np.array([x["measured_ms"] for x in per]))
+        print(f"all halves, {m:9s}: {overall[m]['within_10pct'] * 100:.0f}% within ±10%, MAPE {overall[m]['mape_pct']:.1f}% "
+              f"(median {overall[m]['median_ape_pct']:.1f}%, mean signed {overall[m]['mean_signed_pct']:+.1f}%, n={overall[m]['n']})")
+    doc = {"host_cpu": host_cpu(), "threads": THREADS, "target": target.to_json(), "suite_size": args.suite,
+           "predictor_samples": suite.predictor.samples, "tolerance_pct": TOLERANCE_PCT, "overall": overall,
+           "models": results, "seconds": round(time.perf_counter() - t0, 1),
+           "note": "the host CPU stands in for both device and server (no GPU on this machine)"}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"latency_model_t{THREADS}.json"
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out} ({doc['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

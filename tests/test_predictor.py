@@ -1,0 +1,138 @@
+"""search.predictor and the kernel composition of halves: features, fitting, broken fusion, the suite."""
+
+import numpy as np
+import pytest
+
+from conftest import prepared
+from nasc import defaults
+from nasc.backends.profile import (
+    CALL_KEY, KernelProfile, calibration_suite, kernel_features, kernel_groups, part_signature, prepared_analysis,
+)
+from nasc.errors import NascError
+from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, half_ms, predict
+from nasc.search.predictor import CLASSES, NUMERIC, KernelPredictor, fit_predictor, group_features
+
+ANALYTIC = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
+
+
+def test_features_classify_the_kernels_of_real_models():
+    _, a, _ = prepared("mobilenetv2")
+    classes = {f["class"] for f in kernel_features(a).values()}
+    assert {"conv", "conv1x1", "dwconv", "matmul", "reduce"} <= classes
+    for g in kernel_groups(a):
+        f = group_features(a, g.nodes)
+        assert f["ops"] == len(g.nodes) and f["flops"] >= 0 and f["out_bytes"] > 0
+        if f["class"] == "dwconv":
+            assert f["in_channels_per_group"] == 1 and f["window"] == 9
+
+
+def _synthetic(n, rng, cls="conv"):
+    feats = []
+    for _ in range(n):
+        f = {k: float(rng.integers(1, 1000)) for k in NUMERIC}
+        f["class"] = cls
+        feats.append(f)
+    # a known roofline: compute + bytes written + a fixed cost
+    ms = np.array([2e-4 * f["flops"] + 5e-5 * f["out_bytes"] + 0.01 for f in feats])
+    return feats, ms
+
+
+def test_fit_recovers_a_cost_law_and_round_trips_json():
+    rng = np.random.default_rng(0)
+    feats, ms = _synthetic(200, rng)
+    p = fit_predictor(feats, ms)
+    assert "conv" in p.per_class and p.samples == {"conv": 200}
+    test_feats, test_ms = _synthetic(50, rng)
+    err = np.abs(p.predict_ms(test_feats) / test_ms - 1)
+    assert err.max() < 1e-6
+    assert (p.per_class["conv"].rates >= 0).all()
+    q = KernelPredictor.from_json(p.to_json())
+    np.testing.assert_allclose(q.predict_ms(test_feats), p.predict_ms(test_feats))
+
+
+def test_rare_classes_use_the_pooled_model():
+    rng = np.random.default_rng(1)
+    feats, ms = _synthetic(40, rng)
+    few, few_ms = _synthetic(3, rng, cls="pool")
+    assert len(few) < 8
+    p = fit_predictor(feats + few, np.concatenate([ms, few_ms]))
+    assert "pool" not in p.per_class
+    np.testing.assert_allclose(p.predict_ms(few), few_ms, rtol=1e-6)  # same law: the pooled fit holds
+    with pytest.raises(NascError, match="at least 2"):
+        fit_predictor(feats[:1], ms[:1])
+
+
+def test_predictor_from_another_feature_set_is_refused():
+    rng = np.random.default_rng(2)
+    doc = fit_predictor(*_synthetic(20, rng)).to_json()
+    doc["terms"] = ["flops"]
+    with pytest.raises(NascError, match="refit"):
+        KernelPredictor.from_json(doc)
+
+
+def test_a_cut_through_a_fused_kernel_prices_both_parts():
+    """Conv+Relu split between head and tail runs as Conv on the device and Relu on the server."""
+    _, a, cuts = prepared("resnet8")
+    groups = kernel_groups(a)
+    kernels = {g.signature: 1.0 for g in groups}
+    kernels[CALL_KEY] = 0.0
+    split = next((c, g) for c in cuts for g in groups
+                 if len(g.nodes) > 1 and 0 < c.head_mask[list(g.nodes)].sum() < len(g.nodes))
+    cut, g = split
+    head_part = tuple(i for i in g.nodes if cut.head_mask[i])
+    tail_part = tuple(i for i in g.nodes if not cut.head_mask[i])
+    kernels[part_signature(a, head_part)] = 0.25
+    kernels[part_signature(a, tail_part)] = 0.5
+    prof = KernelProfile({}, kernels, {}, None)
+    model = MeasuredLatencyModel(ANALYTIC, prof, prof)
+    whole_head = sum(1 for h in groups if all(cut.head_mask[i] for i in h.nodes))
+    whole_tail = sum(1 for h in groups if not any(cut.head_mask[i] for i in h.nodes))
+    mask = cut.head_mask[None, :]
+    broken_here = sum(1 for h in groups if 0 < cut.head_mask[list(h.nodes)].sum() < len(h.nodes))
+    assert broken_here == 1
+    assert half_ms(model, a, mask, DEVICE)[0] == pytest.approx(whole_head + 0.25)
+    assert half_ms(model, a, ~mask, SERVER)[0] == pytest.approx(whole_tail + 0.5)
+    # cuts that break nothing are priced as plain sums of whole kernels
+    p = predict(a, cuts, model, defaults.DEFAULT_LINK)
+    for c, pr in zip(cuts, p):
+        if not any(0 < c.head_mask[list(h.nodes)].sum() < len(h.nodes) for h in groups):
+            assert pr.device_ms == pytest.approx(sum(all(c.head_mask[i] for i in h.nodes) for h in groups))
+
+
+def test_unmeasured_kernels_fall_back_to_predictor_then_analytic():
+    _, a, cuts = prepared("resnet8")
+    rng = np.random.default_rng(3)
+    predictor = fit_predictor(*_synthetic(30, rng))
+    with_pred = MeasuredLatencyModel(ANALYTIC, KernelProfile({}, {CALL_KEY: 0.01}, {}, predictor), None)
+    ms = with_pred.node_ms(a, DEVICE)
+    assert with_pred.coverage[DEVICE]["predicted"] == len(kernel_groups(a)) and ms.sum() > 0
+    assert "device predicted" in with_pred.source and "server analytic" in with_pred.source
+    bare = MeasuredLatencyModel(ANALYTIC, KernelProfile({}, {CALL_KEY: 0.01}, {}, None), None)
+    groups = kernel_groups(a)
+    base = ANALYTIC.node_ms(a, DEVICE)
+    expect = np.zeros(len(a.nodes))
+    for g in groups:
+        expect[g.anchor()] = base[list(g.nodes)].sum()
+    np.testing.assert_allclose(bare.node_ms(a, DEVICE), expect)
+
+
+def test_calibration_suite_is_seeded_valid_and_covers_every_class():
+    suite = calibration_suite(48, seed=0)
+    again = calibration_suite(48, seed=0)
+    assert [m.SerializeToString() for m in suite] == [m.SerializeToString() for m in again]
+    classes = set()
+    for m in suite:
+        a = prepared_analysis(m)
+        classes |= {f["class"] for f in kernel_features(a).values()}
+    assert classes == set(CLASSES)
+
+
+def test_nnls_matches_the_constrained_optimum():
+    from nasc.search.predictor import nnls
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((40, 5))
+    truth = np.array([1.0, 0.0, 2.0, 0.0, 0.5])
+    x = nnls(a, a @ truth - 0.3 * a[:, 1])  # the best unconstrained weight on column 1 is negative
+    assert (x >= 0).all() and x[1] == 0.0
+    np.testing.assert_allclose(x[[0, 2, 4]], truth[[0, 2, 4]], atol=0.2)
