@@ -87,3 +87,24 @@ def test_mbv2_search_end_to_end_and_compiles(tmp_path, capsys):
     manifest = compile_model(out / "chosen.onnx", tmp_path / "art", split="annotated", backend="ort")
     want = [meta[D.SPLIT_METADATA_KEY]] if meta[D.SPLIT_METADATA_KEY] not in ("", D.SPLIT_DEVICE_ONLY) else []
     assert manifest["split"]["tensors"] == want
+
+
+def test_search_with_a_kernel_profile_prices_terms_with_it(tmp_path, capsys):
+    """--device-profile accepts a nasc-profile kernel profile; the report names it instead of dumping it."""
+    from nasc.backends.profile import calibration_suite, kernel_features, prepared_analysis, save_profile
+    from nasc.backends.targets import resolve_target
+
+    features = {}
+    for m in calibration_suite(12, seed=0):
+        features.update(kernel_features(prepared_analysis(m)))
+    # a synthetic but plausible target: 1 GFLOP/s plus 10 us per kernel
+    kernels = {s: f["flops"] / 1e6 + 0.01 for s, f in features.items()}
+    prof = tmp_path / "device.json"
+    save_profile(prof, resolve_target("llvm"), {**kernels, "call_overhead": 0.001}, features, {})
+    rc = main(["-o", str(tmp_path / "run"), "--space", "nb201", "--data", "digits", "--link", "1,50",
+               "--latency-budget", "1000", "--json", "--device-profile", str(prof), *TINY])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latency_source"].startswith("device predicted") and "server analytic" in report["latency_source"]
+    assert report["settings"]["device_profile"]["kernel_profile"] == str(prof)
+    assert report["chosen"]["device_ms"] > 0 or report["chosen"]["split"] == "server-only"

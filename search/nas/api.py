@@ -12,9 +12,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from nasc.search.nas import search as S
 from nasc.search.nas.latency_table import LatencyTable, Scores, build_latency_table, nasc_node_cost
 from nasc.search.nas.space import NB201_TABLE_CONFIG, SPACES, SpaceConfig, get_space
 from nasc.types import HardwareProfile, Link
+
+if TYPE_CHECKING:
+    from nasc.backends.profile import KernelProfile
 
 OBJECTIVES = ("accuracy", "pareto")
 ONNX_FILE = "chosen.onnx"
@@ -55,8 +58,8 @@ class SearchSettings:
     evo_population: int = D.DEFAULT_EVO_POPULATION
     bn_recal_batches: int = D.DEFAULT_BN_RECAL_BATCHES
     # A HardwareProfile (analytic) or a KernelProfile from nasc-profile (measured kernels) per side.
-    device_profile: HardwareProfile | None = None
-    server_profile: HardwareProfile | None = None
+    device_profile: HardwareProfile | KernelProfile | None = None
+    server_profile: HardwareProfile | KernelProfile | None = None
 
     def check(self) -> None:
         if self.space not in SPACES:
@@ -95,6 +98,21 @@ class SearchReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _settings_json(settings: SearchSettings) -> dict:
+    """The settings as JSON; a kernel profile is named by its file and what it holds, not dumped whole."""
+    from nasc.backends.profile import KernelProfile
+
+    out = {}
+    for f in fields(settings):
+        v = getattr(settings, f.name)
+        if isinstance(v, KernelProfile):
+            v = {"kernel_profile": v.path, "kernels": len(v.kernels), "target": v.target}
+        elif is_dataclass(v):
+            v = asdict(v)
+        out[f.name] = v
+    return out
 
 
 def pick_json(p: S.Pick | None, space, table: LatencyTable, split_tensor: str | None = None) -> dict | None:
@@ -245,7 +263,7 @@ def run_search(
     chosen_json = pick_json(chosen, space, table, split_tensor)
     chosen_json["device_memory_bytes_partitioner"] = partitioner_device_memory(model, chosen)
     report = SearchReport(
-        settings=asdict(settings),
+        settings=_settings_json(settings),
         chosen=chosen_json,
         baseline=pick_json(base_a, space, table),
         baseline_no_split=pick_json(base_b, space, table),
