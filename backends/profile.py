@@ -22,7 +22,6 @@ from onnx import ModelProto, helper
 
 from nasc.partitioner.analysis import Analysis
 from nasc.partitioner.load import node_inputs
-from nasc.types import TensorSpec
 
 if TYPE_CHECKING:
     from nasc.search.predictor import KernelPredictor
@@ -96,19 +95,12 @@ def time_model_ms(model: ModelProto, target, executable=None, database=None) -> 
 
     from nasc.backends import tvm as tvm_backend
 
+    from nasc.compile import sample_inputs
+
     ex = executable or tvm_backend.compile_model(model, target, database=database)
     dev = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)
     vm = relax.VirtualMachine(ex, dev)
-    rng = np.random.default_rng(0)
-    args = []
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        spec = TensorSpec(vi.name, tuple(d.dim_value for d in vi.type.tensor_type.shape.dim),
-                          np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).name)
-        x = rng.standard_normal(spec.shape).astype(spec.dtype) if np.dtype(spec.dtype).kind == "f" else np.zeros(spec.shape, spec.dtype)
-        args.append(tvm.runtime.tensor(x, dev))
+    args = [tvm.runtime.tensor(x, dev) for x in sample_inputs(model, 1)[0].values()]
     f = vm.time_evaluator("main", dev, number=NUMBER, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS)
     return float(np.min(f(*args).results) * 1e3)
 
@@ -150,18 +142,6 @@ def kernel_features(a: Analysis) -> dict[str, dict]:
     from nasc.search.predictor import group_features
 
     return {g.signature: group_features(a, g.nodes) for g in kernel_groups(a)}
-
-
-def node_ms_from_kernels(a: Analysis, kernels: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(per-node ms, measured mask): each group's time sits on its anchor node."""
-    ms = np.zeros(len(a.nodes))
-    known = np.zeros(len(a.nodes), bool)
-    for g in kernel_groups(a):
-        if g.signature in kernels:
-            ms[g.anchor()] = kernels[g.signature]
-            known[list(g.nodes)] = True
-    known |= a.shape_only
-    return ms, known
 
 
 def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:

@@ -73,6 +73,14 @@ def model_kernels(name: str, a, target) -> dict[str, float]:
     return times
 
 
+def kernel_models(name: str, a, target, suite: prof.KernelProfile) -> dict:
+    """The host priced on both sides: `predicted` from the suite alone, `measured` from the model's own kernels
+    (the suite's predictor for the parts of a kernel a cut breaks)."""
+    own = prof.KernelProfile(suite.target, {**suite.kernels, **model_kernels(name, a, target)}, {}, suite.predictor)
+    analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
+    return {"predicted": MeasuredLatencyModel(analytic, suite, suite), "measured": MeasuredLatencyModel(analytic, own, own)}
+
+
 def _errors(pred: np.ndarray, meas: np.ndarray) -> dict:
     e = 100.0 * (pred - meas) / meas
     a = np.abs(e)
@@ -87,14 +95,8 @@ def evaluate(name: str, suite: prof.KernelProfile, target, limit_cuts: int | Non
     a = p.analysis
     by_id = {cut_id(c.kind, c.tensors): c for c in p.cuts}
     rows = [(by_id[cut_id(r["kind"], r["tensors"])], r) for r in times["cuts"] if cut_id(r["kind"], r["tensors"]) in by_id]
-    own = {**suite.kernels, **model_kernels(name, a, target)}
-    analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
-    host = prof.KernelProfile(suite.target, own, {}, suite.predictor)
-    models = {
-        "predicted": MeasuredLatencyModel(analytic, suite, suite),
-        "measured": MeasuredLatencyModel(analytic, host, host),
-        "analytic": analytic,
-    }
+    models = {**kernel_models(name, a, target, suite),
+              "analytic": AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)}
     out = {"model": name, "config": MODELS.get(name), "cuts_measured": len(rows), "cuts_total": len(p.cuts),
            "whole_model_ms": times["whole_model"]["ms"], "modes": {}}
     masks = np.stack([c.head_mask for c, _ in rows]).astype(bool)

@@ -98,15 +98,10 @@ def kernel_models(name: str, a, suite_size: int | None) -> dict:
         return {}
     import latency_model as LM
 
-    from nasc.backends.profile import KernelProfile
     from nasc.backends.targets import resolve_target
-    from nasc.search.latency import AnalyticLatencyModel, MeasuredLatencyModel
 
     target = resolve_target("llvm")
-    suite = LM.suite_profile(target, suite_size)
-    own = KernelProfile(suite.target, {**suite.kernels, **LM.model_kernels(name, a, target)}, {}, suite.predictor)
-    analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_DEVICE)
-    return {"predicted": MeasuredLatencyModel(analytic, suite, suite), "measured": MeasuredLatencyModel(analytic, own, own)}
+    return LM.kernel_models(name, a, target, LM.suite_profile(target, suite_size))
 
 
 def model_cases(name: str, doc: dict, lms: dict, suite_size: int | None = None, speedups=SERVER_SPEEDUPS) -> list[dict]:

@@ -76,7 +76,7 @@ def parse_link(text: str) -> tuple[Link, BandwidthTrace | None]:
         return Link(mean, rtt, loss, name=f"trace:{Path(path).name}"), trace
     nums = _numbers(text, t.split(","))
     if len(nums) not in (2, 3) or nums[0] <= 0 or nums[1] < 0 or (len(nums) == 3 and not 0 <= nums[2] < 100):
-        raise NascError(f"link {text!r}: expected BW_MBIT,RTT_MS[,LOSS_PCT] with BW > 0, RTT >= 0, 0 <= LOSS < 100, "
+        raise NascError(f"--link {text!r}: expected BW_MBIT,RTT_MS[,LOSS_PCT] with BW > 0, RTT >= 0, 0 <= LOSS < 100, "
                         f"or one of {sorted(LINK_PRESETS)}")
     bw, rtt, loss = (nums + [0.0])[:3]
     return Link(bw, rtt, loss, name=f"{bw:g}mbit/{rtt:g}ms" + (f"/{loss:g}%" if loss else "")), None
@@ -86,7 +86,7 @@ def _numbers(text: str, parts: list[str]) -> list[float]:
     try:
         return [float(p) for p in parts if p.strip()]
     except ValueError:
-        raise NascError(f"link {text!r}: {parts} are not numbers; expected BW_MBIT,RTT_MS[,LOSS_PCT] "
+        raise NascError(f"--link {text!r}: {parts} are not numbers; expected BW_MBIT,RTT_MS[,LOSS_PCT] "
                         f"or one of {sorted(LINK_PRESETS)}") from None
 
 

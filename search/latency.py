@@ -129,35 +129,33 @@ class MeasuredLatencyModel:
         prof = self.profiles[side]
         return prof.call_ms if prof is not None else 0.0
 
-    def _parts_ms(self, a: Analysis, side: str, parts: list[tuple[int, ...]]) -> tuple[np.ndarray, list[str]]:
-        """Milliseconds of each run of nodes as one kernel, and how each was priced."""
-        from nasc.backends.profile import part_signature
+    def _parts_ms(self, a: Analysis, side: str, parts: list[tuple[int, ...]],
+                  signatures: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Milliseconds of each run of nodes as one kernel (with its signature), and how each was priced."""
         from nasc.search.predictor import group_features
 
         prof = self.profiles[side]
-        base = self.fallback.node_ms(a, side)
         ms = np.zeros(len(parts))
         how = [ANALYTIC] * len(parts)
-        unknown = []
-        for k, nodes in enumerate(parts):
-            sig = part_signature(a, nodes)
+        for k, sig in enumerate(signatures):
             if sig in prof.kernels:
                 ms[k], how[k] = prof.kernels[sig], MEASURED
             elif prof.predictor is not None:
-                unknown.append(k)
-            else:
-                ms[k] = base[list(nodes)].sum()
+                how[k] = PREDICTED
+        unknown = [k for k, h in enumerate(how) if h == PREDICTED]
         if unknown:
             ms[unknown] = prof.predictor.predict_ms([group_features(a, parts[k]) for k in unknown])
-            for k in unknown:
-                how[k] = PREDICTED
+        rest = [k for k, h in enumerate(how) if h == ANALYTIC]
+        if rest:
+            base = self.fallback.node_ms(a, side)
+            ms[rest] = [base[list(parts[k])].sum() for k in rest]
         return ms, how
 
     def _groups(self, a: Analysis, side: str):
         from nasc.backends.profile import kernel_groups
 
         groups = kernel_groups(a)
-        ms, how = self._parts_ms(a, side, [g.nodes for g in groups])
+        ms, how = self._parts_ms(a, side, [g.nodes for g in groups], [g.signature for g in groups])
         self.coverage[side] = {k: how.count(k) for k in (MEASURED, PREDICTED, ANALYTIC)}
         return groups, ms
 
@@ -184,8 +182,10 @@ class MeasuredLatencyModel:
         broken = np.argwhere((cover > 0) & ~whole)
         if len(broken):
             parts = [tuple(i for i in groups[g].nodes if masks[c, i]) for c, g in broken]
+            from nasc.backends.profile import part_signature
+
             uniq = list(dict.fromkeys(parts))
-            part_ms, _ = self._parts_ms(a, side, uniq)
+            part_ms, _ = self._parts_ms(a, side, uniq, [part_signature(a, q) for q in uniq])
             lookup = dict(zip(uniq, part_ms))
             np.add.at(total, broken[:, 0], [lookup[p] for p in parts])
         return total

@@ -8,7 +8,7 @@ import onnx
 from conftest import prepared, random_feeds
 from nasc import defaults
 from nasc.backends import ort
-from nasc.backends.profile import CALL_KEY, group_model, kernel_groups, measure_kernels, node_ms_from_kernels
+from nasc.backends.profile import CALL_KEY, group_model, kernel_groups, measure_kernels
 from nasc.backends.targets import resolve_target
 from nasc.cli.profile import main as profile_main
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, predict
@@ -46,12 +46,15 @@ def test_measured_model_uses_kernels_and_call_overhead():
     _, a, cuts = prepared("resnet8")
     kernels = measure_kernels(a, resolve_target("llvm"))
     assert kernels[CALL_KEY] > 0 and all(v >= 0 for v in kernels.values())
-    ms, known = node_ms_from_kernels(a, kernels)
-    assert known.all() and ms.sum() > 0
+    groups = kernel_groups(a)
+    assert all(g.signature in kernels for g in groups)  # every kernel measured
+    ms = np.zeros(len(a.nodes))  # each kernel's time on its anchor node
+    for g in groups:
+        ms[g.anchor()] = kernels[g.signature]
+    assert ms.sum() > 0
     analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
     measured = MeasuredLatencyModel(analytic, device=kernels)
     preds = predict(a, cuts, measured, defaults.DEFAULT_LINK)
-    groups = kernel_groups(a)
     intact = 0
     for c, p in zip(cuts, preds):
         assert abs(p.server_ms - analytic.node_ms(a, SERVER)[~c.head_mask].sum()) < 1e-9
@@ -64,6 +67,7 @@ def test_measured_model_uses_kernels_and_call_overhead():
     assert measured.source.startswith("device measured")
     assert np.array_equal(measured.node_ms(a, SERVER), analytic.node_ms(a, SERVER))
     assert not np.array_equal(measured.node_ms(a, DEVICE), analytic.node_ms(a, DEVICE))
+    np.testing.assert_allclose(measured.node_ms(a, DEVICE), ms)
 
 
 def test_profile_cli_calibrates_fits_and_checks_halves(tmp_path, capsys):

@@ -39,21 +39,12 @@ def parse_link(text: str | None, bandwidth: float | None = None, rtt: float | No
     """A link from a preset name, `BW_MBIT,RTT_MS[,LOSS_PCT]` or a link profile FILE.json, overridden by --bandwidth/--rtt."""
     link = defaults.DEFAULT_LINK
     if text:
-        if text.endswith(".json"):
-            link = Link.load(text)
-        elif text in defaults.LINK_PRESETS:
-            link = defaults.LINK_PRESETS[text]
-        else:
-            parts = text.split(",")
-            try:
-                vals = [float(x) for x in parts]
-            except ValueError:
-                vals = []
-            if len(vals) not in (2, 3) or vals[0] <= 0 or vals[1] < 0:
-                raise NascError(
-                    f"--link '{text}': expected BW_MBIT,RTT_MS[,LOSS_PCT] or one of {', '.join(defaults.LINK_PRESETS)}"
-                )
-            link = Link(vals[0], vals[1], vals[2] if len(vals) == 3 else 0.0, name=text)
+        from nasc.runtime.links import parse_link as parse_link_text
+
+        link, trace = parse_link_text(text)
+        if trace is not None:
+            raise NascError(f"--link {text!r}: a bandwidth trace drives nasc-bench's emulated link only; "
+                            "give a preset, BW_MBIT,RTT_MS or a link FILE.json")
     if bandwidth is not None or rtt is not None:
         if bandwidth is not None and bandwidth <= 0:
             raise NascError(f"--bandwidth {bandwidth}: must be positive (Mbit/s)")
