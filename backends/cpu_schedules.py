@@ -52,3 +52,27 @@ def scheduled_cpu_pipeline(target: tvm.target.Target,
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+# ops whose TVM layout inference keeps the layout of their (first) input
+_LAYOUT_FOLLOWERS = {"Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid",
+                     "LeakyRelu", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
+                     "GlobalMaxPool", "Max", "Min", "Neg", "Abs", "Exp", "Sqrt", "Erf", "Concat"}
+
+
+def runs_blocked(op_type: str, in_channels: int, out_channels: int, groups: int, inputs_blocked: list[bool],
+                 channel_block: int | None) -> bool:
+    """Whether `cpu_layout_passes` leave this op computing in NCHW{block}c.
+
+    conv2d is converted when both channel counts divide by the block (depthwise too); the ops
+    TVM's layout inference lets follow keep their inputs' layout (all of them blocked, for a
+    Concat); everything else computes in plain layout.
+    """
+    if not channel_block:
+        return False
+    if op_type == "Conv":
+        return in_channels % channel_block == 0 and out_channels % channel_block == 0 and (
+            groups == 1 or groups == in_channels == out_channels)
+    if op_type in _LAYOUT_FOLLOWERS and inputs_blocked:
+        return all(inputs_blocked) if op_type == "Concat" else inputs_blocked[0]
+    return False

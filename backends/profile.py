@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -26,7 +26,8 @@ from nasc.partitioner.load import node_inputs
 if TYPE_CHECKING:
     from nasc.search.predictor import KernelPredictor
 
-PROFILE_FORMAT = "nasc-kernel-profile/1"
+# /2: kernels are timed in place (their own calls only), layout transforms and call costs apart
+PROFILE_FORMAT = "nasc-kernel-profile/2"
 # time_evaluator settings. Each repeat averages calls over >= MIN_REPEAT_MS; the fastest repeat
 # is kept: on a shared machine other work only ever adds time, so the minimum is the stable figure.
 NUMBER, REPEAT, MIN_REPEAT_MS = 5, 7, 20
@@ -106,22 +107,53 @@ def time_model_ms(model: ModelProto, target, executable=None, database=None) -> 
 
 
 CALL_KEY = "call_overhead"
+# layout transforms are kernels too: their samples are keyed by the bytes they move
+LAYOUT_PREFIX = "layout:"
+SPECIAL_KEYS = (CALL_KEY,)
 
 
-def call_overhead_ms(target) -> float:
-    """What one VM call costs beyond its kernels: a one-element Relu, timed like any kernel."""
+def layout_key(nbytes: int) -> str:
+    return f"{LAYOUT_PREFIX}{int(nbytes)}"
+
+
+def layout_features(nbytes: float) -> dict:
+    """Predictor features of a layout transform moving `nbytes` (class `layout`: bytes and a fixed cost)."""
+    return {"class": "layout", "flops": 0.0, "in_bytes": float(nbytes), "out_bytes": float(nbytes), "weight_bytes": 0.0,
+            "out_channels": 1.0, "in_channels_per_group": 1.0, "out_pixels": 1.0, "window": 1.0, "stride": 1.0,
+            "ops": 1.0, "plain_layout": 0.0}
+
+
+def trivial_model() -> ModelProto:
+    """A one-element Relu: a model whose time is all call overhead."""
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "call",
                           [helper.make_tensor_value_info("x", 1, [1])], [helper.make_tensor_value_info("y", 1, [1])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    return time_model_ms(m, target)
+    return m
+
+
+_CALL_MS: dict[str, float] = {}
+
+
+def call_overhead_ms(target) -> float:
+    """What one VM call costs beyond its kernels: the trivial model, timed like any kernel (once per target)."""
+    key = json.dumps(target.to_json(), sort_keys=True)
+    if key not in _CALL_MS:
+        _CALL_MS[key] = time_model_ms(trivial_model(), target)
+    return _CALL_MS[key]
 
 
 def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
                     log: Callable[[str], None] | None = None, database=None) -> dict[str, float]:
-    """Milliseconds per kernel signature on `target` (net of call overhead, stored under CALL_KEY),
-    measuring only signatures not in `known`; with a MetaSchedule `database`, tuned kernels."""
+    """Milliseconds per kernel signature on `target`, measuring only signatures not in `known`;
+    with a MetaSchedule `database`, tuned kernels.
+
+    Each distinct kernel is compiled alone and timed in place (backends/context.py): its time is
+    its own calls only. The layout transforms around it are kept as samples of their own
+    (`layout:<bytes>`), and the cost of a call under CALL_KEY.
+    """
     from nasc.backends import tvm as tvm_backend
+    from nasc.backends.context import measure_in_context
 
     tvm_backend.set_threads()
     times = dict(known or {})
@@ -132,8 +164,12 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     for k, (sig, g) in enumerate(todo.items()):
         if log:
             log(f"kernel {k + 1}/{len(todo)}: " + "+".join(a.nodes[i].op_type for i in g.nodes))
-        # each standalone measurement pays one call's overhead; a half pays it once
-        times[sig] = max(time_model_ms(group_model(a, g), target, database=database) - times[CALL_KEY], 0.0)
+        ga = prepared_analysis(group_model(a, g))
+        doc = measure_in_context(ga, target, database=database)
+        times[sig] = float(sum(c["ms"] for c in doc["kernels"]))
+        for t in doc["transforms"]:
+            if t["tensor"] in ga.specs:
+                times.setdefault(layout_key(ga.specs[t["tensor"]].nbytes), t["ms"])
     return times
 
 
@@ -154,17 +190,19 @@ def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
 
 SUITE_SIZE = 160
 # kernel mix of the suite (weights): CNN kernels dominate IoT models
-SUITE_MIX = {"conv": 0.24, "conv1x1": 0.2, "dwconv": 0.2, "matmul": 0.1, "pool": 0.07, "reduce": 0.05, "eltwise": 0.1,
-             "other": 0.04}
+SUITE_MIX = {"conv": 0.17, "conv-plain": 0.07, "conv1x1": 0.14, "conv1x1-plain": 0.06, "dwconv": 0.2, "matmul": 0.1,
+             "pool": 0.07, "reduce": 0.05, "eltwise": 0.1, "other": 0.04}
 SUITE_PIXELS = (7, 14, 28, 56, 112)
 SUITE_CHANNELS = (8, 1024)      # log-uniform, multiples of 8
 # keep each sampled kernel under ~10 ms on a small CPU so the suite stays a few minutes
 SUITE_MAX_FLOPS = 4e8
 
 
-def _channels(rng) -> int:
+def _channels(rng, aligned: bool = True) -> int:
+    """Log-uniform channels, a multiple of 8, or (not `aligned`) 4 off one (12, 36, 60: DenseNet's growth)."""
     lo, hi = np.log(SUITE_CHANNELS[0]), np.log(SUITE_CHANNELS[1])
-    return int(max(8, round(float(np.exp(rng.uniform(lo, hi))) / 8) * 8))
+    c = int(max(8, round(float(np.exp(rng.uniform(lo, hi))) / 8) * 8))
+    return c if aligned else c - 4
 
 
 def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
@@ -172,10 +210,13 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
 
     n = Net(f"suite_{kind}", seed)
     hw = int(rng.choice(SUITE_PIXELS))
-    if kind in ("conv", "conv1x1", "dwconv"):
+    if kind.startswith(("conv", "dwconv")):
+        plain, kind = kind.endswith("-plain"), kind.removesuffix("-plain")
         k = 1 if kind == "conv1x1" else int(rng.choice((3, 3, 5, 7) if kind == "conv" else (3, 3, 5)))
         while True:
-            cin, cout = _channels(rng), _channels(rng)
+            # a plain-layout conv: one or both channel counts miss the CPU block
+            odd = str(rng.choice(("in", "out", "both"))) if plain else ""
+            cin, cout = _channels(rng, odd not in ("in", "both")), _channels(rng, odd not in ("out", "both"))
             if kind == "dwconv":
                 cout = cin
             stride = int(rng.choice((1, 1, 2)))
@@ -189,7 +230,7 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
         y = n.conv(x, cin, cout, k, stride, groups=groups, act=None if act == "none" else act)
         if stride == 1 and cin == cout and rng.random() < 0.4:
             y = n.act(n.add(y, x), "relu")
-        return n.build(y, f"suite {kind}")
+        return n.build(y, f"suite {kind}{' (plain layout)' if plain else ''}")
     if kind == "matmul":
         cin, cout = _channels(rng), _channels(rng)
         if rng.random() < 0.5:
@@ -255,30 +296,36 @@ def measure_suite(target, size: int = SUITE_SIZE, seed: int = 0, known: dict[str
 
 @dataclass(frozen=True)
 class KernelProfile:
-    """A measured profile of one target: kernel times, their features and the predictor fitted on them."""
+    """A measured profile of one target: kernel times, their features and the predictor fitted on them,
+    plus in-context kernel times of whole models (backends/context.py) keyed by model."""
 
     target: dict
     kernels: dict[str, float]
     features: dict[str, dict]
     predictor: "KernelPredictor | None"
     path: str = ""
+    contexts: dict[str, dict] = field(default_factory=dict)
 
     @property
     def call_ms(self) -> float:
         return float(self.kernels.get(CALL_KEY, 0.0))
 
 
+
 def fit_profile_predictor(kernels: dict[str, float], features: dict[str, dict]):
     """The predictor over every kernel with features, or None when there are too few."""
     from nasc.search.predictor import fit_predictor
 
-    sigs = [s for s in features if s in kernels and s != CALL_KEY]
+    sigs = [s for s in features if s in kernels and s not in SPECIAL_KEYS]
+    layouts = [s for s in kernels if s.startswith(LAYOUT_PREFIX)]
     if len(sigs) < 2:
         return None
-    return fit_predictor([features[s] for s in sigs], [kernels[s] for s in sigs])
+    feats = [features[s] for s in sigs] + [layout_features(float(s[len(LAYOUT_PREFIX):])) for s in layouts]
+    return fit_predictor(feats, [kernels[s] for s in sigs + layouts])
 
 
-def save_profile(path: Path, target, kernels: dict[str, float], features: dict[str, dict], meta: dict) -> dict:
+def save_profile(path: Path, target, kernels: dict[str, float], features: dict[str, dict], meta: dict,
+                 contexts: dict[str, dict] | None = None) -> dict:
     """Write (atomically) a profile with a predictor refitted on all its kernels."""
     from nasc.backends.targets import host_cpu
 
@@ -286,7 +333,7 @@ def save_profile(path: Path, target, kernels: dict[str, float], features: dict[s
     doc = {"format": PROFILE_FORMAT, "source": "measured", "target": target.to_json(), "host_cpu": host_cpu(),
            "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta, "kernels": kernels,
-           "features": features, "predictor": predictor.to_json() if predictor else None}
+           "features": features, "contexts": contexts or {}, "predictor": predictor.to_json() if predictor else None}
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -294,7 +341,7 @@ def save_profile(path: Path, target, kernels: dict[str, float], features: dict[s
 
 
 def is_kernel_profile(doc) -> bool:
-    return isinstance(doc, dict) and doc.get("format") == PROFILE_FORMAT
+    return isinstance(doc, dict) and str(doc.get("format", "")).startswith(PROFILE_FORMAT.split("/")[0] + "/")
 
 
 def kernel_profile(doc: dict, path: str = "") -> KernelProfile:
@@ -303,12 +350,15 @@ def kernel_profile(doc: dict, path: str = "") -> KernelProfile:
     from nasc.errors import NascError
     from nasc.search.predictor import KernelPredictor
 
+    if doc.get("format") != PROFILE_FORMAT:
+        raise NascError(f"{path or 'profile'}: kernel profile format {doc.get('format')!r}, this nasc reads "
+                        f"{PROFILE_FORMAT!r}; measure it again with nasc-profile")
     try:
         kernels = {k: float(v) for k, v in doc["kernels"].items()}
         features = dict(doc.get("features", {}))
         # refitting takes milliseconds and keeps a profile usable across predictor changes
         pred = fit_profile_predictor(kernels, features) if features else (
             KernelPredictor.from_json(doc["predictor"]) if doc.get("predictor") else None)
-        return KernelProfile(doc["target"], kernels, features, pred, path)
+        return KernelProfile(doc["target"], kernels, features, pred, path, dict(doc.get("contexts", {})))
     except (KeyError, TypeError, ValueError) as e:
         raise NascError(f"{path or 'profile'}: malformed kernel profile ({type(e).__name__}: {e})") from None

@@ -93,7 +93,8 @@ def latency_models(device_profile: str | None, server_profile: str | None) -> di
 
 
 def kernel_models(name: str, a, suite_size: int | None) -> dict:
-    """`predicted` (suite-fitted predictor only) and `measured` (the model's own kernels), as in latency_model.py."""
+    """`predicted` (suite-fitted predictor only), `measured` (the model's kernels timed in place) and `standalone`
+    (its kernels timed alone), as in latency_model.py."""
     if not suite_size:
         return {}
     import latency_model as LM
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
            "links": {n: {"bandwidth_mbit": defaults.LINK_PRESETS[n].bandwidth_mbit, "rtt_ms": defaults.LINK_PRESETS[n].rtt_ms} for n in LINKS},
            "latency_models": {**{n: lm.source for n, lm in lms.items()},
                               "predicted": "kernel predictor fitted on the calibration suite only (models held out)",
-                              "measured": "each model's own kernels measured standalone, suite predictor for broken parts"},
+                              "measured": "each model's kernels timed in place in the compiled whole model, suite predictor for broken parts",
+                              "standalone": "each model's own kernels measured standalone, suite predictor for broken parts"},
            "profiles": {"device": args.device_profile, "server": args.server_profile},
            "models": coverage, "summary": summary, "cases": cases}
     cut_times.write_atomic(args.output, doc)

@@ -86,6 +86,26 @@ def predict(a: Analysis, cuts: list[Cut], model: LatencyModel, link: Link, compr
 
 
 MEASURED, PREDICTED, ANALYTIC = "measured", "predicted", "analytic"
+MEASURED_IN_CONTEXT = "measured in context"
+# ops that make the CPU layout pass transform their input (see backends.cpu_schedules.runs_blocked)
+LAYOUT_DEMANDING = {"Conv"}
+
+
+def _channel_block(target: dict) -> int | None:
+    """The NCHW{c}c block the CPU pipeline of a profile's target uses (None: no blocked layouts)."""
+    spec = (target or {}).get("tvm")
+    if not spec or spec.get("kind") != "llvm":
+        return None
+    from nasc.backends.cpu_schedules import cpu_vector_spec
+    from nasc.backends.targets import resolve_target
+
+    return cpu_vector_spec(resolve_target(spec).tvm()).channel_block
+
+
+def _part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
+    from nasc.backends.profile import part_signature
+
+    return part_signature(a, nodes)
 
 
 class MeasuredLatencyModel:
@@ -108,6 +128,7 @@ class MeasuredLatencyModel:
         self.fallback = fallback
         self.profiles = {DEVICE: as_profile(device), SERVER: as_profile(server)}
         self.coverage: dict[str, dict[str, int]] = {}
+        self._keyed: tuple[Analysis, str] | None = None
 
     @property
     def source(self) -> str:
@@ -119,7 +140,7 @@ class MeasuredLatencyModel:
                 continue
             cov = self.coverage.get(side, {})
             n = sum(cov.values())
-            how = PREDICTED if prof.predictor is not None and not cov.get(MEASURED) else MEASURED
+            how = PREDICTED if prof.predictor is not None and not (cov.get(MEASURED) or cov.get(MEASURED_IN_CONTEXT)) else MEASURED
             detail = ", ".join(f"{v} {k}" for k, v in cov.items() if v) or "no kernels priced yet"
             parts.append(f"{side} {how} ({detail} of {n} kernels)" if n else f"{side} {how}")
         return "; ".join(parts)
@@ -172,7 +193,40 @@ class MeasuredLatencyModel:
     def half_ms(self, a: Analysis, masks: np.ndarray, side: str) -> np.ndarray:
         if self.profiles[side] is None:
             return masks.astype(np.float64) @ self.fallback.node_ms(a, side)
+        ctx = self._context(a, side)
+        if ctx is not None:
+            return ctx.half_ms(masks, lambda parts: self._parts_ms(a, side, parts, [_part_signature(a, q) for q in parts])[0])
+        return self._kernel_sum_ms(a, masks, side)
+
+    def _context(self, a: Analysis, side: str) -> "ContextTimes | None":
+        """The profile's in-context times of exactly this model, if it has them."""
+        contexts = self.profiles[side].contexts
+        if not contexts:
+            return None
+        from nasc.backends.context import model_key
+
+        if self._keyed is None or self._keyed[0] is not a:
+            self._keyed = (a, model_key(a.model))
+        doc = contexts.get(self._keyed[1])
+        if doc is None:
+            return None
+        self.coverage[side] = {MEASURED_IN_CONTEXT: len(doc["kernels"])}
+        return ContextTimes(doc, a)
+
+    def _kernel_sum_ms(self, a: Analysis, masks: np.ndarray, side: str) -> np.ndarray:
+        """Halves composed like measured ones (ContextTimes) from a planned record of the kernels."""
+        prof = self.profiles[side]
         groups, ms = self._groups(a, side)
+        if prof.predictor is None:  # bare kernel times: their sum, nothing known about layouts or calls
+            return self._plain_sum_ms(a, masks, side, groups, ms)
+        from nasc.backends.profile import layout_features
+
+        layout_ms = lambda nbytes: float(prof.predictor.predict_ms([layout_features(nbytes)])[0])  # noqa: E731
+        doc = planned_record(a, groups, ms, _channel_block(prof.target), layout_ms)
+        parts = lambda q: self._parts_ms(a, side, q, [_part_signature(a, x) for x in q])[0]  # noqa: E731
+        return ContextTimes(doc, a).half_ms(masks, parts)
+
+    def _plain_sum_ms(self, a: Analysis, masks: np.ndarray, side: str, groups, ms: np.ndarray) -> np.ndarray:
         member = np.zeros((len(groups), len(a.nodes)))
         for k, g in enumerate(groups):
             member[k, list(g.nodes)] = 1.0
@@ -182,13 +236,155 @@ class MeasuredLatencyModel:
         broken = np.argwhere((cover > 0) & ~whole)
         if len(broken):
             parts = [tuple(i for i in groups[g].nodes if masks[c, i]) for c, g in broken]
-            from nasc.backends.profile import part_signature
-
             uniq = list(dict.fromkeys(parts))
-            part_ms, _ = self._parts_ms(a, side, uniq, [part_signature(a, q) for q in uniq])
+            part_ms, _ = self._parts_ms(a, side, uniq, [_part_signature(a, q) for q in uniq])
             lookup = dict(zip(uniq, part_ms))
             np.add.at(total, broken[:, 0], [lookup[p] for p in parts])
         return total
+
+
+def planned_record(a: Analysis, groups, kernel_ms: np.ndarray, channel_block: int | None, layout_ms) -> dict:
+    """The record backends/context.py would measure, planned instead: each kernel at its predicted
+    time, layouts as the CPU layout pass chooses them (backends.cpu_schedules.runs_blocked), a
+    transform wherever a kernel reads a tensor in the other layout, priced by `layout_ms(bytes)`."""
+    from nasc.backends.cpu_schedules import runs_blocked
+    from nasc.partitioner.analysis import _attr
+    from nasc.partitioner.load import node_inputs
+
+    blocked = {x: False for x in a.inputs}
+    kernels, transforms = [], []
+    for g, ms in zip(groups, kernel_ms):
+        anchor = a.nodes[g.nodes[0]]
+        produced = [o for i in g.nodes for o in a.nodes[i].output]
+        ins = list(dict.fromkeys(x for i in g.nodes for x in node_inputs(a.nodes[i]) if x in a.specs and x not in produced))
+        out = next((o for o in reversed(produced) if o in a.specs), produced[-1])
+        shape_in = a.specs[anchor.input[0]].shape if anchor.input[0] in a.specs else ()
+        shape_out = a.specs[out].shape if out in a.specs else ()
+        cin = shape_in[1] if len(shape_in) == 4 else 0
+        cout = shape_out[1] if len(shape_out) == 4 else 0
+        want = runs_blocked(anchor.op_type, cin, cout, int(_attr(anchor, "group", 1)),
+                            [blocked.get(x, False) for x in ins], channel_block)
+        for x in ins:
+            if blocked.get(x, False) != want:
+                transforms.append({"tensor": x, "ms": layout_ms(a.specs[x].nbytes), "to_blocked": want, "reader": out})
+        kernels.append({"tensor": out, "ms": float(ms), "blocked": want, "reads": [[x, want] for x in ins]})
+        blocked.update({o: want for o in produced})
+    for o in a.outputs:
+        if blocked.get(o, False):
+            transforms.append({"tensor": o, "ms": layout_ms(a.specs[o].nbytes), "to_blocked": False, "reader": None})
+    return {"kernels": kernels, "transforms": transforms}
+
+
+class ContextTimes:
+    """Halves priced from one model's kernels timed in place (backends/context.py).
+
+    A half costs the kernels computing its nodes, the layout transforms between them, and one
+    transform for each tensor a conv of the half receives but reads blocked and for each
+    blocked tensor it sends. A fused kernel a cut breaks is priced as the two kernels each
+    half then runs (by `parts_ms`, the profile's kernels or predictor).
+    """
+
+    def __init__(self, doc: dict, a: Analysis):
+        from nasc.backends.profile import kernel_groups
+
+        self.a = a
+        self.groups = kernel_groups(a)
+        self.group_of = {i: g for g, grp in enumerate(self.groups) for i in grp.nodes}
+        node = lambda t: a.producer.get(t, -1) if t is not None else -1  # noqa: E731  (-1: a graph input)
+        # kernels no ONNX tensor matched (fused past a tensor ONNX Runtime keeps) go with the next one
+        self.kernels: list[tuple[int, float]] = []
+        pending = 0.0
+        for k in doc["kernels"]:
+            if node(k["tensor"]) < 0:
+                pending += k["ms"]
+                continue
+            self.kernels.append((node(k["tensor"]), k["ms"] + pending))
+            pending = 0.0
+        # a conv demands its layout; the ops after it (pooling, elementwise) run in whatever arrives
+        demands = lambda n: n >= 0 and self._anchor(n).op_type in LAYOUT_DEMANDING  # noqa: E731
+        self.reads_blocked = [(t, node(k["tensor"])) for k in doc["kernels"] for t, blocked in k.get("reads", [])
+                              if blocked and demands(node(k["tensor"]))]
+        self.blocked_out = {k["tensor"] for k in doc["kernels"] if k["blocked"] and k["tensor"] is not None}
+        self.transforms = [(t["tensor"], node(t["reader"]) if t["reader"] is not None else None, float(t["ms"]),
+                            t["to_blocked"]) for t in doc["transforms"] if t["tensor"] is not None]
+        rates = [ms / a.specs[t].nbytes for t, _, ms, _ in self.transforms if t in a.specs and a.specs[t].nbytes]
+        self.rate_ms_per_byte = float(np.median(rates)) if rates else 0.0
+        self.measured_transform = {}
+        for t, _, ms, _ in self.transforms:
+            self.measured_transform[t] = min(ms, self.measured_transform.get(t, np.inf))
+        self.units = self._units(doc)
+        self.unit_of = {i: u for u, groups in enumerate(self.units) for g in groups for i in self.groups[g].nodes}
+
+    def _anchor(self, n: int):
+        g = self.group_of.get(n)
+        return self.a.nodes[self.groups[g].nodes[0] if g is not None else n]
+
+    def _units(self, doc: dict) -> list[list[int]]:
+        """Kernel groups that ran as one call: a group whose output no call computed was fused by
+        TVM into its readers' kernel; such groups are priced together (and split by a cut as parts)."""
+        a = self.a
+        group_of = self.group_of
+        computed = {k["tensor"] for k in doc["kernels"]}
+        parent = list(range(len(self.groups)))
+
+        def root(g: int) -> int:
+            while parent[g] != g:
+                g = parent[g]
+            return g
+
+        def readers(t: str) -> list[int]:  # kernel nodes reading t, looking through reshapes
+            out = []
+            for c in a.consumers.get(t, []):
+                if c in group_of:
+                    out.append(c)
+                elif a.shape_only[c]:
+                    out += [r for o in a.nodes[c].output for r in readers(o)]
+            return out
+
+        for g, grp in enumerate(self.groups):
+            out = [o for o in a.nodes[grp.nodes[-1]].output if o in a.specs]
+            if out and out[0] not in computed:
+                for reader in readers(out[0]):
+                    parent[root(group_of[reader])] = root(g)
+        units: dict[int, list[int]] = {}
+        for g in range(len(self.groups)):
+            units.setdefault(root(g), []).append(g)
+        return list(units.values())
+
+    def _transform_ms(self, t: str) -> float:
+        return self.measured_transform.get(t, self.rate_ms_per_byte * self.a.specs[t].nbytes)
+
+    def _made(self, here: np.ndarray, t: str) -> bool:
+        return t in self.a.producer and bool(here[self.a.producer[t]])
+
+    def half_ms(self, masks: np.ndarray, parts_ms) -> np.ndarray:
+        """(C,) milliseconds of the nodes each row of `masks` puts in one half (call cost excluded)."""
+        a = self.a
+        out = np.zeros(len(masks))
+        unit_nodes = [[i for g in u for i in self.groups[g].nodes] for u in self.units]
+        for row, here in enumerate(masks.astype(bool)):
+            broken = {u for u, nodes in enumerate(unit_nodes) if 0 < here[nodes].sum() < len(nodes)}
+            total = 0.0
+            for n, ms in self.kernels:
+                if here[n] and self.unit_of.get(n) not in broken:
+                    total += ms
+            if broken:
+                parts = [p for u in sorted(broken) for g in self.units[u]
+                         if (p := tuple(i for i in self.groups[g].nodes if here[i]))]
+                total += float(np.sum(parts_ms(parts)))
+            plain_sent = set()
+            for t, reader, ms, to_blocked in self.transforms:
+                if self._made(here, t) and (here[self.a.producer[t]] if reader is None else here[reader]):
+                    total += ms
+                    if not to_blocked:
+                        plain_sent.add(t)
+            received = {t for t, reader in self.reads_blocked if here[reader] and not self._made(here, t)}
+            sent = {t for t in self.blocked_out if self._made(here, t) and t not in plain_sent
+                    and any(not here[c] for c in a.consumers.get(t, []))}
+            for t in received | sent:
+                total += self._transform_ms(t)
+            out[row] = total
+        return out
 
 
 def latency_model_for(device, server) -> LatencyModel:

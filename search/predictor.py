@@ -21,10 +21,13 @@ from nasc.errors import NascError
 from nasc.partitioner.analysis import Analysis, _attr
 from nasc.partitioner.load import node_inputs
 
-CLASSES = ("conv", "conv1x1", "dwconv", "matmul", "pool", "reduce", "eltwise", "other")
+CLASSES = ("conv", "conv1x1", "dwconv", "matmul", "pool", "reduce", "eltwise", "other", "layout")
+# convs whose channel counts are not multiples of this miss the CPU layout pass's NCHW{8}c
+# blocks (AVX2) and run in plain layout, several times slower per FLOP: a cost term of their own
+CHANNEL_ALIGN = 8
 # numeric features, in design-matrix order (after the intercept)
 NUMERIC = ("flops", "in_bytes", "out_bytes", "weight_bytes", "out_channels", "in_channels_per_group",
-           "out_pixels", "window", "stride", "ops")
+           "out_pixels", "window", "stride", "ops", "plain_layout")
 _POOL_OPS = {"MaxPool", "AveragePool", "LpPool"}
 _MATMUL_OPS = {"Gemm", "MatMul", "Einsum"}
 _ELTWISE_OPS = {"Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "Tanh", "Concat", "Split", "Transpose",
@@ -85,8 +88,11 @@ def group_features(a: Analysis, nodes: tuple[int, ...]) -> dict:
         cout, pixels = out_shape[1], out_shape[2] * out_shape[3]
     else:
         cout, pixels = (out_shape[-1] if out_shape else 1), int(np.prod(out_shape[:-1])) if len(out_shape) > 1 else 1
+    cls = kernel_class(a, nodes[0])
+    w = _shape(a, anchor.input[1]) if cls in ("conv", "conv1x1") else ()
+    plain = bool(w) and (w[0] % CHANNEL_ALIGN != 0 or (w[1] * group) % CHANNEL_ALIGN != 0)
     return {
-        "class": kernel_class(a, nodes[0]),
+        "class": cls,
         "flops": float(sum(a.flops[i] for i in nodes)),
         "in_bytes": float(sum(a.specs[x].nbytes for x in ext_in)),
         "out_bytes": float(sum(a.specs[o].nbytes for o in last_out)),
@@ -97,6 +103,7 @@ def group_features(a: Analysis, nodes: tuple[int, ...]) -> dict:
         "window": float(max(window, 1)),
         "stride": float(max(strides) if strides else 1),
         "ops": float(len(nodes)),
+        "plain_layout": float(plain),
     }
 
 
@@ -110,6 +117,7 @@ def _terms(features: list[dict]) -> np.ndarray:
             f["flops"] / max(f["out_channels"], 1.0),              # so do narrow outputs
             f["in_bytes"], f["out_bytes"], f["weight_bytes"],      # memory traffic (and layout changes)
             f["out_bytes"] * (f["ops"] - 1),                       # each fused epilogue op re-touches the output
+            f["flops"] * f.get("plain_layout", 0.0),               # convs left in plain layout
             f["out_pixels"],                                       # per-pixel loop overhead
             1.0,                                                   # fixed cost of a kernel
         ])
@@ -117,7 +125,7 @@ def _terms(features: list[dict]) -> np.ndarray:
 
 
 TERMS = ("flops", "flops_per_in_channel", "flops_per_out_channel", "in_bytes", "out_bytes", "weight_bytes",
-         "epilogue_bytes", "out_pixels", "constant")
+         "epilogue_bytes", "plain_layout_flops", "out_pixels", "constant")
 
 
 def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 500) -> np.ndarray:

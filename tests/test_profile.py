@@ -8,7 +8,7 @@ import onnx
 from conftest import prepared, random_feeds
 from nasc import defaults
 from nasc.backends import ort
-from nasc.backends.profile import CALL_KEY, group_model, kernel_groups, measure_kernels
+from nasc.backends.profile import CALL_KEY, LAYOUT_PREFIX, group_model, kernel_groups, measure_kernels
 from nasc.backends.targets import resolve_target
 from nasc.cli.profile import main as profile_main
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, predict
@@ -76,18 +76,22 @@ def test_profile_cli_calibrates_fits_and_checks_halves(tmp_path, capsys):
     assert profile_main(["--calibrate", "12", "-o", str(prof), "-q"]) == 0
     doc = json.loads(prof.read_text())
     assert doc["source"] == "measured" and doc["target"]["name"] == "llvm" and CALL_KEY in doc["kernels"]
-    assert doc["predictor"] and sum(doc["predictor"]["samples"].values()) == len(doc["features"]) >= 12
+    layouts = [k for k in doc["kernels"] if k.startswith(LAYOUT_PREFIX)]  # transforms around the kernels
+    assert layouts and doc["predictor"]["samples"]["layout"] == len(layouts)
+    assert sum(doc["predictor"]["samples"].values()) == len(doc["features"]) + len(layouts) and len(doc["features"]) >= 12
     assert profile_main(["example:tiny", "-o", str(prof), "--cuts", "2", "--json", "-q"]) == 0
     summary = json.loads(capsys.readouterr().out)
     halves = [r[h] for r in summary["cuts"] for h in ("head", "tail") if h in r]
     assert halves and all(h["measured_ms"] > 0 and h["from_kernels_ms"] > 0 and h["from_predictor_ms"] > 0 for h in halves)
-    assert set(summary["accuracy"]) == {"from_kernels_ms", "from_predictor_ms"}
+    assert set(summary["accuracy"]) == {"in_context_ms", "from_kernels_ms", "from_predictor_ms"}
+    assert all(h["in_context_ms"] > 0 for h in halves)
     assert "example:tiny" in json.loads(prof.read_text())["models"]
     from nasc.cli.compile import main as compile_main
 
     assert compile_main(["example:tiny", "--dry-run", "--json", "--device-profile", str(prof), "-q"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["latency_model"].startswith("device measured") and "server analytic" in out["latency_model"]
+    assert out["latency_model"].startswith("device measured (") and "in context" in out["latency_model"]
+    assert "server analytic" in out["latency_model"]
     # an unseen model: every kernel priced by the fitted predictor
     assert compile_main(["example:resnet8", "--dry-run", "--json", "--device-profile", str(prof), "-q"]) == 0
     out = json.loads(capsys.readouterr().out)

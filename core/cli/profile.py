@@ -14,6 +14,10 @@ from nasc.errors import NascError
 
 DEFAULT_CHECKED_CUTS = 6
 PROFILE_IN_DB = "profile.json"
+# how each checked half is predicted, and how the report names it
+PREDICTIONS = {"in_context_ms": "from this model's kernels timed in place (measured mode)",
+               "from_kernels_ms": "from this model's kernels timed standalone",
+               "from_predictor_ms": "from the predictor fitted before them (predicted mode)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +71,10 @@ def _existing(path: Path | None, target) -> dict:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NascError(f"{path}: not valid JSON ({e}); remove it or pick another -o") from None
-    return doc if doc.get("target") == target.to_json() else {}
+    from nasc.backends.profile import PROFILE_FORMAT
+
+    # another target's kernels, or kernels timed the way an older nasc did, are measured afresh
+    return doc if doc.get("target") == target.to_json() and doc.get("format") == PROFILE_FORMAT else {}
 
 
 def _run(args, out) -> int:
@@ -86,6 +93,7 @@ def _run(args, out) -> int:
     old = _existing(path, target)
     kernels = {k: float(v) for k, v in old.get("kernels", {}).items()}
     features = dict(old.get("features", {}))
+    contexts = dict(old.get("contexts", {}))
     models = set(old.get("models", []))
     database = open_database(args.db, target) if args.db else None
     summary: dict = {"target": target.to_json(), "tuning_db": str(args.db) if args.db else None}
@@ -97,11 +105,11 @@ def _run(args, out) -> int:
             models.add(f"calibration-suite:{size}")
             summary["calibration_kernels"] = len(suite_features)
         if args.model:
-            summary.update(_profile_model(args, target, kernels, features, database, status, out))
+            summary.update(_profile_model(args, target, kernels, features, contexts, database, status, out))
             models.add(summary["model"])
     doc = None
     if path is not None:
-        doc = prof.save_profile(path, target, kernels, features, {"models": sorted(models)})
+        doc = prof.save_profile(path, target, kernels, features, {"models": sorted(models)}, contexts)
         fitted = (doc.get("predictor") or {}).get("samples", {})
         out.print(f"wrote {path}: {len(kernels) - 1} kernels, predictor fitted on "
                   + (", ".join(f"{v} {k}" for k, v in sorted(fitted.items())) or "nothing (too few kernels)")
@@ -113,9 +121,11 @@ def _run(args, out) -> int:
     return 0
 
 
-def _profile_model(args, target, kernels: dict, features: dict, database, status, out) -> dict:
-    """Measure the model's kernels into `kernels`/`features`; measure and predict checked cuts."""
+def _profile_model(args, target, kernels: dict, features: dict, contexts: dict, database, status, out) -> dict:
+    """Measure the model's kernels standalone into `kernels`/`features` (the predictor's data) and in place
+    into `contexts` (the measured mode); measure the checked cuts and predict them all three ways."""
     from nasc.backends import profile as prof
+    from nasc.backends.context import measure_in_context, model_key
     from nasc.backends.profile import KernelProfile
     from nasc.compile import plan
     from nasc.defaults import DEFAULT_DEVICE, DEFAULT_SERVER
@@ -131,7 +141,15 @@ def _profile_model(args, target, kernels: dict, features: dict, database, status
     before = MeasuredLatencyModel(analytic, *[KernelProfile({}, {prof.CALL_KEY: kernels.get(prof.CALL_KEY, 0.0)}, {}, prior)] * 2) if prior else None
     kernels.update(prof.measure_kernels(a, target, kernels, log=status.update, database=database))
     features.update(prof.kernel_features(a))
-    measured = MeasuredLatencyModel(analytic, KernelProfile({}, kernels, features, None), KernelProfile({}, kernels, features, None))
+    status.update("timing every kernel in place")
+    key = model_key(a.model)
+    contexts[key] = measure_in_context(a, target, database=database, log=status.update)
+    standalone = KernelProfile({}, kernels, features, None)
+    in_place = KernelProfile({}, kernels, features, None, contexts={key: contexts[key]})
+    models = {"in_context_ms": MeasuredLatencyModel(analytic, in_place, in_place),
+              "from_kernels_ms": MeasuredLatencyModel(analytic, standalone, standalone)}
+    if before is not None:
+        models["from_predictor_ms"] = before
     call = kernels[prof.CALL_KEY]
     rows = []
     for c in checked_cuts(p.cuts, args.cuts):
@@ -141,10 +159,9 @@ def _profile_model(args, target, kernels: dict, features: dict, database, status
             if not side_mask.any():
                 continue
             status.update(f"measuring {half} of cut {c.index}")
-            m = prof.time_model_ms(extract(a, c), target, database=database)
-            r = {"measured_ms": m, "from_kernels_ms": float(half_ms(measured, a, side_mask, side)[0]) + call}
-            if before is not None:
-                r["from_predictor_ms"] = float(half_ms(before, a, side_mask, side)[0]) + call
+            r = {"measured_ms": prof.time_model_ms(extract(a, c), target, database=database)}
+            for k, lm in models.items():
+                r[k] = float(half_ms(lm, a, side_mask, side)[0]) + call
             row[half] = r
         rows.append(row)
     groups = prof.kernel_groups(a)
@@ -152,7 +169,8 @@ def _profile_model(args, target, kernels: dict, features: dict, database, status
                     "nodes": [a.nodes[i].name for i in g.nodes], "ms": kernels[g.signature]} for g in groups]
     summary = {"model": p.source_name, "call_overhead_ms": call, "kernels": kernel_rows,
                "kernel_sum_ms": float(sum(r["ms"] for r in kernel_rows)), "cuts": rows,
-               "accuracy": {k: _accuracy(rows, k) for k in ("from_kernels_ms", "from_predictor_ms") if _accuracy(rows, k)}}
+               "whole_model_in_context_ms": contexts[key]["whole_ms"],
+               "accuracy": {k: _accuracy(rows, k) for k in PREDICTIONS if _accuracy(rows, k)}}
     _print_model(out, p.source_name, target, groups, summary)
     return summary
 
@@ -169,7 +187,7 @@ def _accuracy(rows: list[dict], key: str) -> dict | None:
 def _print_model(out, name: str, target, groups, summary: dict) -> None:
     t = Table(title=f"{name} on {target.name}: {len(groups)} kernels ({len({g.signature for g in groups})} distinct), "
               f"sum {summary['kernel_sum_ms']:.2f} ms", title_justify="left")
-    for col in ("cut", "sends", "half", "measured ms", "from kernels", "from predictor"):
+    for col in ("cut", "sends", "half", "measured ms", "in place", "standalone", "predictor"):
         t.add_column(col, justify="left" if col in ("sends", "half") else "right")
     for r in summary["cuts"]:
         sends = r["kind"] if r["kind"] != "split" else ", ".join(r["tensors"][:3])
@@ -178,11 +196,11 @@ def _print_model(out, name: str, target, groups, summary: dict) -> None:
             if h is None:
                 continue
             cells = [f"{h['measured_ms']:.3f}"]
-            for k in ("from_kernels_ms", "from_predictor_ms"):
+            for k in PREDICTIONS:
                 cells.append(f"{h[k]:.3f} ({100 * (h[k] - h['measured_ms']) / h['measured_ms']:+.0f}%)" if k in h else "-")
             t.add_row(str(r["index"]), sends, half, *cells)
     out.print(t)
-    for k, label in (("from_kernels_ms", "from this model's measured kernels"), ("from_predictor_ms", "from the predictor fitted before them")):
+    for k, label in PREDICTIONS.items():
         acc = summary["accuracy"].get(k)
         if acc:
             out.print(f"halves predicted {label}: MAPE {acc['mape_pct']:.1f}%, {acc['within_10pct'] * 100:.0f}% within ±10% "

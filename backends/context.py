@@ -1,0 +1,201 @@
+"""Time every kernel of a compiled model where it runs, and say which ONNX tensor each one computes.
+
+The whole model is compiled once and run under a VM instrument: each kernel call is timed in
+place (warm caches, the real layouts between kernels) and its output is matched by value to
+the ONNX Runtime tensor it equals, so every call is attributed to the ONNX node that produced
+that tensor. Layout transforms are recorded with the tensor they carry and the kernel that
+reads them. search/latency.py composes these records into the time of any head or tail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Callable
+
+import numpy as np
+from onnx import ModelProto, helper
+
+from nasc.partitioner.analysis import Analysis
+
+CONTEXT_FORMAT = "nasc-context-times/1"
+TIMED_RUNS = 20                  # instrumented runs; each call keeps its fastest
+MATCH_RTOL = 1e-3                # a kernel output equals an ONNX tensor within these
+MATCH_ATOL_REL = 1e-4            # times the tensor's largest magnitude
+TRANSFORM = "layout_transform"   # symbol of TVM's layout-changing kernels
+BUILTIN = "vm.builtin."          # VM bookkeeping calls, not kernels
+MAX_SCALE = 1.5                  # calls are scaled up to the whole run's time, never by more than this
+
+
+def model_key(model: ModelProto) -> str:
+    """Identity of a prepared model: context times apply to exactly this graph."""
+    return hashlib.sha256(model.SerializeToString()).hexdigest()[:20]
+
+
+def _blocked_to_plain(x: np.ndarray) -> np.ndarray:
+    n, c1, h, w, c = x.shape
+    return x.transpose(0, 1, 4, 2, 3).reshape(n, c1 * c, h, w)
+
+
+class _TensorIndex:
+    """ONNX Runtime values of every activation of the model, looked up by value."""
+
+    def __init__(self, a: Analysis, feeds: dict[str, np.ndarray]):
+        import onnxruntime as ort
+
+        m = ModelProto()
+        m.CopyFrom(a.model)
+        have = {o.name for o in m.graph.output}
+        for n in a.nodes:
+            for o in n.output:
+                if o in a.specs and o not in have:
+                    s = a.specs[o]
+                    m.graph.output.append(helper.make_tensor_value_info(
+                        o, helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)), list(s.shape)))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1      # no pool threads left spinning beside the kernels being timed
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        values.update(feeds)
+        order = {t: i for i, t in enumerate(list(feeds) + [o for n in a.nodes for o in n.output])}
+        self.by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+        for name in sorted(values, key=lambda t: order.get(t, len(order))):
+            v = np.asarray(values[name])
+            self.by_shape.setdefault(v.shape, []).append((name, v))
+
+    def match(self, x: np.ndarray) -> str | None:
+        """The first ONNX tensor (in execution order) that `x` equals, in plain or NCHWc layout."""
+        views = [x] + ([_blocked_to_plain(x)] if x.ndim == 5 else [])
+        for v in views:
+            for name, ref in self.by_shape.get(v.shape, []):
+                if ref.dtype == v.dtype and np.allclose(v, ref, rtol=MATCH_RTOL,
+                                                        atol=MATCH_ATOL_REL * (float(np.abs(ref).max()) + 1e-12)):
+                    return name
+        return None
+
+
+def _timed_calls(vm, args, n_calls: int, runs: int = TIMED_RUNS) -> np.ndarray:
+    """Seconds of each kernel call of `vm`'s main, the fastest of `runs` (other work only adds time)."""
+    best = np.full(n_calls, np.inf)
+    stamps: list[float] = []
+
+    def stamp(_func, symbol, _before, _ret, *_args):
+        if not symbol.startswith(BUILTIN):
+            stamps.append(time.perf_counter())
+        return 0
+
+    vm.set_instrument(stamp)
+    for _ in range(runs):
+        stamps.clear()
+        vm["main"](*args)
+        best = np.minimum(best, np.diff(np.array(stamps))[::2])
+    vm.set_instrument(None)
+    return best
+
+
+_BIAS: dict[str, float] = {}
+
+
+def _instrument_bias_s(target) -> float:
+    """What the timing instrument itself adds to one call: a one-element kernel timed the same way."""
+    key = json.dumps(target.to_json(), sort_keys=True)
+    if key not in _BIAS:
+        import tvm
+        from tvm import relax
+
+        from nasc.backends import tvm as tvm_backend
+        from nasc.backends.profile import trivial_model
+
+        dev = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)
+        vm = relax.VirtualMachine(tvm_backend.compile_model(trivial_model(), target), dev)
+        x = tvm.runtime.tensor(np.zeros(1, np.float32), dev)
+        _BIAS[key] = float(_timed_calls(vm, [x], 1, runs=200)[0])
+    return _BIAS[key]
+
+
+def measure_in_context(a: Analysis, target, executable=None, database=None,
+                       log: Callable[[str], None] | None = None) -> dict:
+    """Every kernel call of the compiled model, timed in place and attributed to an ONNX tensor.
+
+    Returns a JSON-able document: `kernels` (compute calls: tensor, symbol, ms, blocked output,
+    the tensors it reads and whether each is read in blocked layout), `transforms` (tensor, ms,
+    direction, the tensor its reader computes), `whole_ms`, and `scale`: the fastest time of each
+    call, taken separately, sums to less than the fastest whole run, so every call is scaled to
+    make them agree (VM dispatch between calls is spread the same way).
+    """
+    import tvm
+    from tvm import relax
+
+    from nasc.backends import tvm as tvm_backend
+    from nasc.backends.profile import NUMBER, REPEAT, MIN_REPEAT_MS, call_overhead_ms
+    from nasc.compile import sample_inputs
+
+    tvm_backend.set_threads()
+    ex = executable or tvm_backend.compile_model(a.model, target, database=database)
+    dev = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)
+    vm = relax.VirtualMachine(ex, dev)
+    feeds = sample_inputs(a.model, 1)[0]
+    args = [tvm.runtime.tensor(x, dev) for x in feeds.values()]
+    index = _TensorIndex(a, feeds)
+    if log:
+        log(f"attributing the kernels of {len(a.nodes)} nodes")
+
+    # one pass that reads every output: which tensor each call computes, and from what
+    live = {t.data_ptr(): name for t, name in zip(args, feeds)}    # buffer -> tensor it holds now
+    blocked_ptr: set[int] = set()
+    calls: list[dict] = []
+
+    def attribute(_func, symbol, before, _ret, *cargs):
+        if symbol.startswith(BUILTIN):
+            return 0
+        tensors = [x for x in cargs if hasattr(x, "data_ptr") and hasattr(x, "shape")]
+        if before:
+            calls.append({"symbol": symbol, "reads": [(live[x.data_ptr()], x.data_ptr() in blocked_ptr)
+                                                      for x in tensors[:-1] if x.data_ptr() in live]})
+            return 0
+        out = tensors[-1]
+        name = index.match(out.numpy())
+        calls[-1].update(tensor=name, blocked=len(out.shape) == 5)
+        if name is not None:
+            live[out.data_ptr()] = name
+            (blocked_ptr.add if len(out.shape) == 5 else blocked_ptr.discard)(out.data_ptr())
+        else:
+            live.pop(out.data_ptr(), None)
+        return 0
+
+    vm.set_instrument(attribute)
+    vm["main"](*args)
+
+    best = _timed_calls(vm, args, len(calls)) - _instrument_bias_s(target)
+    best = np.maximum(best, 0.0)
+    # the whole model on a VM that never had an instrument (a cleared one still costs per call)
+    f = relax.VirtualMachine(ex, dev).time_evaluator("main", dev, number=NUMBER, repeat=REPEAT,
+                                                     min_repeat_ms=MIN_REPEAT_MS)
+    whole_ms = float(np.min(f(*args).results) * 1e3)
+    call_ms = call_overhead_ms(target)
+
+    raw = best * 1e3
+    scale = float(np.clip((whole_ms - call_ms) / raw.sum(), 1.0, MAX_SCALE)) if raw.sum() > 0 else 1.0
+    kernels, transforms = [], []
+    for c, ms in zip(calls, raw * scale):
+        if TRANSFORM in c["symbol"]:
+            transforms.append({"tensor": c["tensor"], "ms": float(ms), "to_blocked": c["blocked"], "reader": None,
+                               "symbol": c["symbol"]})
+        else:
+            kernels.append({"tensor": c["tensor"], "symbol": c["symbol"], "ms": float(ms), "blocked": c["blocked"],
+                            "reads": [[t, b] for t, b in c["reads"]]})
+    # a transform's reader: the next compute call (TVM emits each transform right before its reader)
+    k = 0
+    pos = 0
+    for c in calls:
+        if TRANSFORM in c["symbol"]:
+            pos += 1
+            continue
+        while k < pos:
+            transforms[k]["reader"] = c["tensor"]
+            k += 1
+    unmatched = [c["symbol"] for c in calls if c["tensor"] is None]
+    return {"format": CONTEXT_FORMAT, "model": model_key(a.model), "whole_ms": whole_ms, "call_ms": call_ms,
+            "scale": scale, "kernels": kernels, "transforms": transforms, "unmatched": unmatched}

@@ -1,0 +1,130 @@
+"""backends.context and the halves priced from it: kernels timed in place, attributed to ONNX tensors."""
+
+import numpy as np
+import pytest
+
+from conftest import prepared
+from nasc import defaults
+from nasc.backends.context import measure_in_context, model_key
+from nasc.backends.profile import KernelProfile, kernel_groups
+from nasc.backends.targets import resolve_target
+from nasc.search.latency import (DEVICE, MEASURED_IN_CONTEXT, AnalyticLatencyModel, ContextTimes,
+                                 MeasuredLatencyModel, half_ms)
+
+ANALYTIC = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenetv2", "densenet"])
+def test_every_kernel_call_is_attributed(name):
+    _, a, _ = prepared(name)
+    doc = measure_in_context(a, resolve_target("llvm"))
+    assert doc["model"] == model_key(a.model) and doc["unmatched"] == []
+    assert doc["whole_ms"] > 0 and 1.0 <= doc["scale"] <= 1.5
+    assert all(k["tensor"] in a.producer and k["ms"] > 0 for k in doc["kernels"])
+    # every kernel group's output is computed by some call (none silently fused away)
+    computed = {k["tensor"] for k in doc["kernels"]}
+    outputs = {a.nodes[g.nodes[-1]].output[0] for g in kernel_groups(a)}
+    assert len(outputs & computed) >= 0.8 * len(outputs)
+    # the rest were fused by TVM into their readers: priced with them as one unit
+    ctx = ContextTimes(doc, a)
+    groups = kernel_groups(a)
+    assert sorted(g for u in ctx.units for g in u) == list(range(len(groups)))
+    for u in ctx.units:
+        if any(a.nodes[groups[g].nodes[-1]].output[0] not in computed for g in u):
+            assert len(u) > 1
+    for t in doc["transforms"]:
+        assert t["tensor"] in a.specs and t["ms"] >= 0
+    # the whole model priced from its own records is its measured time, less the call
+    everything = np.ones((1, len(a.nodes)), bool)
+    whole = ctx.half_ms(everything, lambda parts: np.zeros(len(parts)))[0]
+    if 1.0 < doc["scale"] < 1.5:
+        assert whole == pytest.approx(doc["whole_ms"] - doc["call_ms"], rel=1e-6)
+    else:
+        assert whole == pytest.approx(sum(k["ms"] for k in doc["kernels"]) + sum(t["ms"] for t in doc["transforms"]))
+
+
+def _doc(a, blocked: bool, kernel_ms: float = 1.0, transform_ms: float = 0.25) -> dict:
+    """A synthetic record: every group one kernel of `kernel_ms`, all in blocked layout or all plain."""
+    kernels, transforms = [], []
+    for g in kernel_groups(a):
+        out = a.nodes[g.nodes[-1]].output[0]
+        reads = [[x, blocked] for i in g.nodes for x in a.nodes[i].input if x in a.specs and x not in
+                 {o for j in g.nodes for o in a.nodes[j].output}]
+        kernels.append({"tensor": out, "symbol": "k", "ms": kernel_ms, "blocked": blocked, "reads": reads})
+    if blocked:  # the graph input is made blocked once, the output made plain once
+        first = kernels[0]["tensor"]
+        transforms.append({"tensor": a.inputs[0], "ms": transform_ms, "to_blocked": True, "reader": first})
+        transforms.append({"tensor": a.outputs[0], "ms": transform_ms, "to_blocked": False, "reader": None})
+    return {"kernels": kernels, "transforms": transforms}
+
+
+def test_blocked_tensors_crossing_a_cut_cost_a_transform_each_side():
+    _, a, cuts = prepared("tiny")
+    groups = kernel_groups(a)
+    outputs = {a.nodes[g.nodes[-1]].output[0] for g in groups}
+    intact = [c for c in cuts if c.kind == "split" and set(c.tensors) <= outputs
+              and not any(a.shape_only[r] for t in c.tensors for r in a.consumers[t])  # read by kernels themselves
+              and not any(0 < c.head_mask[list(g.nodes)].sum() < len(g.nodes) for g in groups)]
+    assert intact
+    no_parts = lambda parts: np.zeros(len(parts))  # noqa: E731
+    plain, blocked = ContextTimes(_doc(a, False), a), ContextTimes(_doc(a, True), a)
+    for c in intact:
+        head, tail = c.head_mask[None, :], ~c.head_mask[None, :]
+        n_head = sum(bool(c.head_mask[g.nodes[-1]]) for g in groups)
+        n_tail = len(groups) - n_head
+        # plain layout: halves are their kernels
+        assert plain.half_ms(head, no_parts)[0] == pytest.approx(n_head)
+        assert plain.half_ms(tail, no_parts)[0] == pytest.approx(n_tail)
+        # blocked: the head keeps the input transform and makes each sent tensor plain; the tail
+        # makes each received tensor a conv reads blocked again (other ops run in the layout that
+        # arrives) and keeps the output transform
+        rate = blocked.rate_ms_per_byte
+        to_conv = [t for t in c.tensors if any(a.nodes[r].op_type == "Conv" and not c.head_mask[r] for r in a.consumers[t])]
+        expect_head = n_head + 0.25 + sum(rate * a.specs[t].nbytes for t in c.tensors)
+        expect_tail = n_tail + 0.25 + sum(rate * a.specs[t].nbytes for t in to_conv)
+        assert blocked.half_ms(head, no_parts)[0] == pytest.approx(expect_head)
+        assert blocked.half_ms(tail, no_parts)[0] == pytest.approx(expect_tail)
+
+
+def test_a_profile_with_the_models_context_prices_it_in_place():
+    _, a, cuts = prepared("resnet8")
+    doc = _doc(a, False, kernel_ms=2.0)
+    prof = KernelProfile({}, {"call_overhead": 0.01}, {}, None, contexts={model_key(a.model): doc})
+    lm = MeasuredLatencyModel(ANALYTIC, prof, None)
+    masks = np.stack([c.head_mask for c in cuts])
+    got = half_ms(lm, a, masks, DEVICE)
+    assert lm.coverage[DEVICE] == {MEASURED_IN_CONTEXT: len(doc["kernels"])}
+    assert "device measured" in lm.source
+    groups = kernel_groups(a)
+    intact = [k for k, c in enumerate(cuts) if not any(0 < c.head_mask[list(g.nodes)].sum() < len(g.nodes) for g in groups)]
+    assert len(intact) > len(cuts) // 2
+    in_place = ContextTimes(doc, a).half_ms(masks[intact], lambda parts: np.zeros(len(parts)))
+    np.testing.assert_allclose(got[intact], in_place)
+    kernels_in_head = [sum(bool(cuts[k].head_mask[g.nodes[-1]]) for g in groups) for k in intact]
+    np.testing.assert_allclose(in_place, 2.0 * np.array(kernels_in_head))
+    # another model's context is ignored: its kernels are priced from the profile as before
+    _, other, other_cuts = prepared("tiny")
+    lm2 = MeasuredLatencyModel(ANALYTIC, prof, None)
+    half_ms(lm2, other, np.stack([c.head_mask for c in other_cuts]), DEVICE)
+    assert MEASURED_IN_CONTEXT not in lm2.coverage[DEVICE]
+
+
+def test_planned_record_follows_the_cpu_layout_pass():
+    from nasc.search.latency import planned_record
+
+    _, a, _ = prepared("resnet8")
+    groups = kernel_groups(a)
+    ms = np.ones(len(groups))
+    plain = planned_record(a, groups, ms, None, lambda nbytes: 1.0)
+    assert plain["transforms"] == [] and not any(k["blocked"] for k in plain["kernels"])
+    planned = planned_record(a, groups, ms, 8, lambda nbytes: nbytes * 1e-6)
+    by_tensor = {k["tensor"]: k for k in planned["kernels"]}
+    first = planned["kernels"][0]
+    assert not first["blocked"], "3 input channels do not fill a block of 8"
+    assert sum(k["blocked"] for k in planned["kernels"]) >= len(groups) // 2
+    # a transform exactly where a kernel reads a tensor in the other layout
+    for t in planned["transforms"]:
+        if t["reader"] is not None:
+            assert t["to_blocked"] == by_tensor[t["reader"]]["blocked"]
+            assert t["ms"] == pytest.approx(a.specs[t["tensor"]].nbytes * 1e-6)
+    assert any(t["tensor"] == first["tensor"] and t["to_blocked"] for t in planned["transforms"])
