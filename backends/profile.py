@@ -1,10 +1,11 @@
-"""Measure kernels on a target: every fused kernel group of a model, compiled and timed alone.
+"""Measure kernels on a target: every fused kernel group of a model, compiled alone and timed in place.
 
 A group is an anchor node plus the elementwise nodes a compiler fuses into it (the same
-rule the analysis uses). Each group is extracted as a standalone ONNX model, compiled with
-the target's pipeline and timed with TVM's time_evaluator; identical groups (same ops,
-shapes and attributes) are measured once. Summing group times over a half predicts the
-half: that is the measured latency model.
+rule the analysis uses). Each group is extracted as a small ONNX model, compiled with the
+target's pipeline and timed call by call (backends/context.py): its own calls are its time,
+the layout transforms around it are samples of their own. Identical groups (same ops,
+shapes and attributes) are measured once. The predictor is fitted on these; halves are
+composed from them in search/latency.py. Also: the calibration suite and profile files.
 """
 
 from __future__ import annotations

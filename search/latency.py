@@ -1,11 +1,11 @@
 """Latency models: predict device (head) and server (tail) time for every cut at once.
 
-A model maps an Analysis to per-node times on one processor; a cut's half time is the sum
-over its nodes, so all cuts are scored with one matrix product. `AnalyticLatencyModel` is a
-roofline over the hardware profile (labelled `analytic` wherever it is reported).
-`MeasuredLatencyModel` sums kernels measured on the target, predicts the ones never measured
-with the profile's fitted predictor, and prices a fused kernel that a cut breaks in two as
-the two kernels each half really runs.
+`AnalyticLatencyModel` is a roofline over the hardware profile (labelled `analytic` wherever
+it is reported): a half is the sum of its nodes. `MeasuredLatencyModel` prices a half from a
+kernel profile of the target: from the model's own kernels timed in place when the profile
+has them (measured mode), otherwise from a planned record of predicted kernels and the layout
+transforms the CPU pipeline will insert (predicted mode). Both are composed by `ContextTimes`,
+which also prices a fused kernel that a cut breaks as the two kernels each half then runs.
 """
 
 from __future__ import annotations
