@@ -10,8 +10,8 @@ reads them. search/latency.py composes these records into the time of any head o
 from __future__ import annotations
 
 import hashlib
-import json
 import time
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -42,21 +42,14 @@ class _TensorIndex:
     """ONNX Runtime values of every activation of the model, looked up by value."""
 
     def __init__(self, a: Analysis, feeds: dict[str, np.ndarray]):
-        import onnxruntime as ort
+        from nasc.backends import ort
 
         m = ModelProto()
         m.CopyFrom(a.model)
         have = {o.name for o in m.graph.output}
-        for n in a.nodes:
-            for o in n.output:
-                if o in a.specs and o not in have:
-                    s = a.specs[o]
-                    m.graph.output.append(helper.make_tensor_value_info(
-                        o, helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)), list(s.shape)))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1      # no pool threads left spinning beside the kernels being timed
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        m.graph.output.extend(helper.ValueInfoProto(name=o) for n in a.nodes for o in n.output
+                              if o in a.specs and o not in have)
+        sess = ort.session(m, threads=1)   # one thread: no pool left spinning beside the kernels being timed
         values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         values.update(feeds)
         order = {t: i for i, t in enumerate(list(feeds) + [o for n in a.nodes for o in n.output])}
@@ -95,24 +88,18 @@ def _timed_calls(vm, args, n_calls: int, runs: int = TIMED_RUNS) -> np.ndarray:
     return best
 
 
-_BIAS: dict[str, float] = {}
-
-
+@lru_cache(maxsize=None)
 def _instrument_bias_s(target) -> float:
     """What the timing instrument itself adds to one call: a one-element kernel timed the same way."""
-    key = json.dumps(target.to_json(), sort_keys=True)
-    if key not in _BIAS:
-        import tvm
-        from tvm import relax
+    import tvm
+    from tvm import relax
 
-        from nasc.backends import tvm as tvm_backend
-        from nasc.backends.profile import trivial_model
+    from nasc.backends.profile import trivial_executable
+    from nasc.backends.tvm import tvm_device
 
-        dev = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)
-        vm = relax.VirtualMachine(tvm_backend.compile_model(trivial_model(), target), dev)
-        x = tvm.runtime.tensor(np.zeros(1, np.float32), dev)
-        _BIAS[key] = float(_timed_calls(vm, [x], 1, runs=200)[0])
-    return _BIAS[key]
+    dev = tvm_device(target.device)
+    vm = relax.VirtualMachine(trivial_executable(target), dev)
+    return float(_timed_calls(vm, [tvm.runtime.tensor(np.zeros(1, np.float32), dev)], 1, runs=200)[0])
 
 
 def measure_in_context(a: Analysis, target, executable=None, database=None,
@@ -134,7 +121,7 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
 
     tvm_backend.set_threads()
     ex = executable or tvm_backend.compile_model(a.model, target, database=database)
-    dev = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)
+    dev = tvm_backend.tvm_device(target.device)
     vm = relax.VirtualMachine(ex, dev)
     feeds = sample_inputs(a.model, 1)[0]
     args = [tvm.runtime.tensor(x, dev) for x in feeds.values()]
@@ -178,24 +165,19 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
 
     raw = best * 1e3
     scale = float(np.clip((whole_ms - call_ms) / raw.sum(), 1.0, MAX_SCALE)) if raw.sum() > 0 else 1.0
-    kernels, transforms = [], []
+    kernels, transforms, pending = [], [], []
     for c, ms in zip(calls, raw * scale):
         if TRANSFORM in c["symbol"]:
-            transforms.append({"tensor": c["tensor"], "ms": float(ms), "to_blocked": c["blocked"], "reader": None,
-                               "symbol": c["symbol"]})
-        else:
-            kernels.append({"tensor": c["tensor"], "symbol": c["symbol"], "ms": float(ms), "blocked": c["blocked"],
-                            "reads": [[t, b] for t, b in c["reads"]]})
-    # a transform's reader: the next compute call (TVM emits each transform right before its reader)
-    k = 0
-    pos = 0
-    for c in calls:
-        if TRANSFORM in c["symbol"]:
-            pos += 1
+            pending.append({"tensor": c["tensor"], "ms": float(ms), "to_blocked": c["blocked"], "reader": None,
+                            "symbol": c["symbol"]})
+            transforms.append(pending[-1])
             continue
-        while k < pos:
-            transforms[k]["reader"] = c["tensor"]
-            k += 1
+        # a transform's reader: the next compute call (TVM emits each transform right before its reader)
+        for t in pending:
+            t["reader"] = c["tensor"]
+        pending.clear()
+        kernels.append({"tensor": c["tensor"], "symbol": c["symbol"], "ms": float(ms), "blocked": c["blocked"],
+                        "reads": [[t, b] for t, b in c["reads"]]})
     unmatched = [c["symbol"] for c in calls if c["tensor"] is None]
     return {"format": CONTEXT_FORMAT, "model": model_key(a.model), "whole_ms": whole_ms, "call_ms": call_ms,
             "scale": scale, "kernels": kernels, "transforms": transforms, "unmatched": unmatched}

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -100,7 +101,7 @@ def time_model_ms(model: ModelProto, target, executable=None, database=None) -> 
     from nasc.compile import sample_inputs
 
     ex = executable or tvm_backend.compile_model(model, target, database=database)
-    dev = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)
+    dev = tvm_backend.tvm_device(target.device)
     vm = relax.VirtualMachine(ex, dev)
     args = [tvm.runtime.tensor(x, dev) for x in sample_inputs(model, 1)[0].values()]
     f = vm.time_evaluator("main", dev, number=NUMBER, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS)
@@ -133,15 +134,18 @@ def trivial_model() -> ModelProto:
     return m
 
 
-_CALL_MS: dict[str, float] = {}
+@lru_cache(maxsize=None)
+def trivial_executable(target):
+    """The trivial model compiled for `target` (once per target)."""
+    from nasc.backends import tvm as tvm_backend
+
+    return tvm_backend.compile_model(trivial_model(), target)
 
 
+@lru_cache(maxsize=None)
 def call_overhead_ms(target) -> float:
     """What one VM call costs beyond its kernels: the trivial model, timed like any kernel (once per target)."""
-    key = json.dumps(target.to_json(), sort_keys=True)
-    if key not in _CALL_MS:
-        _CALL_MS[key] = time_model_ms(trivial_model(), target)
-    return _CALL_MS[key]
+    return time_model_ms(trivial_model(), target, executable=trivial_executable(target))
 
 
 def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
@@ -310,7 +314,6 @@ class KernelProfile:
     @property
     def call_ms(self) -> float:
         return float(self.kernels.get(CALL_KEY, 0.0))
-
 
 
 def fit_profile_predictor(kernels: dict[str, float], features: dict[str, dict]):

@@ -143,14 +143,20 @@ def export(executable, path: Path, target: Target) -> None:
         executable.export_library(str(path))
 
 
+def tvm_device(device: str):
+    """The TVM device for a target's `device` ("cuda" or "cpu")."""
+    import tvm
+
+    return tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+
+
 class Runner:
     """Runs a compiled library with the TVM VM; feeds and results are numpy arrays in ONNX order."""
 
     def __init__(self, library, device: str, input_names: list[str], output_names: list[str]):
-        import tvm
         from tvm import relax
 
-        self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        self.dev = tvm_device(device)
         self.vm = relax.VirtualMachine(library, self.dev)
         self.input_names = input_names
         self.output_names = output_names

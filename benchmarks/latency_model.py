@@ -132,9 +132,9 @@ def repeatability(times: dict) -> dict:
     return {"whole_model_ms": same, "spread_pct": 100.0 * (max(same) / min(same) - 1.0)}
 
 
-def evaluate(name: str, suite: prof.KernelProfile, target, limit_cuts: int | None) -> dict:
+def evaluate(name: str, p, suite: prof.KernelProfile, target, limit_cuts: int | None) -> dict:
+    """Every mode's errors on the measured cuts of model `name`, whose plan is `p`."""
     times = measure_cut_times(name, target.name, limit_cuts=limit_cuts, log=_log)
-    p = plan(build_model(name))
     a = p.analysis
     by_id = {cut_id(c.kind, c.tensors): c for c in p.cuts}
     rows = [(by_id[cut_id(r["kind"], r["tensors"])], r) for r in times["cuts"] if cut_id(r["kind"], r["tensors"]) in by_id]
@@ -168,16 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     target = resolve_target("llvm")
     t0 = time.perf_counter()
+    plans = {name: plan(build_model(name)) for name in args.models}
     # each model timed in place first, while this process has compiled little
-    for name in args.models:
-        model_context(name, plan(build_model(name)).analysis, target)
+    for name, p in plans.items():
+        model_context(name, p.analysis, target)
     suite = suite_profile(target, args.suite)
-    for name in args.models:  # and once more, minutes later
-        model_context(name, plan(build_model(name)).analysis, target, again=True)
+    for name, p in plans.items():  # and once more, minutes later
+        model_context(name, p.analysis, target, again=True)
     results = []
     for name in args.models:
         print(f"{name}:", flush=True)
-        results.append(evaluate(name, suite, target, args.limit_cuts))
+        results.append(evaluate(name, plans[name], suite, target, args.limit_cuts))
     print(f"\nheld-out models, llvm on {host_cpu()}, {THREADS} threads; predictor fitted on the {args.suite}-kernel suite "
           f"({', '.join(f'{v} {k}' for k, v in sorted(suite.predictor.samples.items()))})")
     print(f"{'model':12s} {'cuts':>5s} | " + " | ".join(f"{m:^27s}" for m in MODES))

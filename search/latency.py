@@ -224,7 +224,7 @@ class MeasuredLatencyModel:
         layout_ms = lambda nbytes: float(prof.predictor.predict_ms([layout_features(nbytes)])[0])  # noqa: E731
         doc = planned_record(a, groups, ms, _channel_block(prof.target), layout_ms)
         parts = lambda q: self._parts_ms(a, side, q, [_part_signature(a, x) for x in q])[0]  # noqa: E731
-        return ContextTimes(doc, a).half_ms(masks, parts)
+        return ContextTimes(doc, a, groups).half_ms(masks, parts)
 
     def _plain_sum_ms(self, a: Analysis, masks: np.ndarray, side: str, groups, ms: np.ndarray) -> np.ndarray:
         member = np.zeros((len(groups), len(a.nodes)))
@@ -284,11 +284,11 @@ class ContextTimes:
     half then runs (by `parts_ms`, the profile's kernels or predictor).
     """
 
-    def __init__(self, doc: dict, a: Analysis):
+    def __init__(self, doc: dict, a: Analysis, groups=None):
         from nasc.backends.profile import kernel_groups
 
         self.a = a
-        self.groups = kernel_groups(a)
+        self.groups = groups if groups is not None else kernel_groups(a)
         self.group_of = {i: g for g, grp in enumerate(self.groups) for i in grp.nodes}
         node = lambda t: a.producer.get(t, -1) if t is not None else -1  # noqa: E731  (-1: a graph input)
         # kernels no ONNX tensor matched (fused past a tensor ONNX Runtime keeps) go with the next one
