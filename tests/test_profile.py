@@ -119,3 +119,16 @@ def test_profile_cli_errors(tmp_path, capsys):
     bad.write_text("{")
     assert profile_main(["example:tiny", "-o", str(bad), "--cuts", "0"]) != 0
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_a_profile_from_an_older_nasc_is_refused_by_name(tmp_path, capsys):
+    """Kernels timed the old way would be composed wrongly: one clear error, nothing written."""
+    from nasc.cli.compile import main as compile_main
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "nasc-kernel-profile/1", "target": {}, "kernels": {CALL_KEY: 0.01}}))
+    out = tmp_path / "out"
+    assert compile_main(["example:tiny", "--split", "auto", "--device-profile", str(old), "-o", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "old.json" in err and "measure it again" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
