@@ -2,7 +2,7 @@
 
 Two hooks for the llvm pipeline (stages as in tvm/relax/backend/cpu_generic/pipeline.py):
   * `cpu_layout_passes(target)`: on the Relax module, right before `LegalizeOps`. Converts conv2d
-    to NCHW{c}c / OIHW{c}o and constant matmul weights to column panels (both re-packed at compile
+    to NCHW{c}c / OIHW{c}o (one block c per model, see `conv_block`) and constant matmul weights to column panels (both re-packed at compile
     time by the `FoldConstant` that follows LegalizeOps) and lowers those ops to TIR itself.
   * `cpu_schedule_passes(target)`: on the fused TIR, right after `FuseTIR`. dlight-style rules
     tile, vectorise and parallelise conv, matmul, pooling and (fallback) everything else.
@@ -15,11 +15,11 @@ import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
-from .cpu_rules.lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, lowering_passes
+from .cpu_rules.lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, conv_block, lowering_passes
 from .cpu_rules.tir_rules import default_rules
 from .cpu_rules.vector_spec import CpuVectorSpec, cpu_vector_spec
 
-__all__ = ["CONV_BLOCK_NAME", "MATMUL_BLOCK_NAME", "CpuVectorSpec", "cpu_layout_passes",
+__all__ = ["CONV_BLOCK_NAME", "MATMUL_BLOCK_NAME", "CpuVectorSpec", "conv_block", "cpu_layout_passes",
            "cpu_schedule_passes", "cpu_vector_spec", "scheduled_cpu_pipeline"]
 
 
@@ -61,18 +61,18 @@ _LAYOUT_FOLLOWERS = {"Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "Tan
 
 
 def runs_blocked(op_type: str, in_channels: int, out_channels: int, groups: int, inputs_blocked: list[bool],
-                 channel_block: int | None) -> bool:
-    """Whether `cpu_layout_passes` leave this op computing in NCHW{block}c.
+                 model_block: int | None) -> bool:
+    """Whether `cpu_layout_passes` leave this op computing in NCHW{model_block}c.
 
-    conv2d is converted when both channel counts divide by the block (depthwise too); the ops
-    TVM's layout inference lets follow keep their inputs' layout (all of them blocked, for a
-    Concat); everything else computes in plain layout.
+    `model_block` is `conv_block` over all the model's convs. A conv is converted when that
+    block divides both its channel counts (dense or depthwise); the ops TVM's layout inference
+    lets follow keep their inputs' layout (all of them blocked, for a Concat); everything else
+    computes in plain layout.
     """
-    if not channel_block:
+    if not model_block:
         return False
     if op_type == "Conv":
-        return in_channels % channel_block == 0 and out_channels % channel_block == 0 and (
-            groups == 1 or groups == in_channels == out_channels)
+        return conv_block([(in_channels, out_channels, groups)], model_block) == model_block
     if op_type in _LAYOUT_FOLLOWERS and inputs_blocked:
         return all(inputs_blocked) if op_type == "Concat" else inputs_blocked[0]
     return False

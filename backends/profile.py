@@ -219,7 +219,7 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
         plain, kind = kind.endswith("-plain"), kind.removesuffix("-plain")
         k = 1 if kind == "conv1x1" else int(rng.choice((3, 3, 5, 7) if kind == "conv" else (3, 3, 5)))
         while True:
-            # a plain-layout conv: one or both channel counts miss the CPU block
+            # a narrow-block or plain-layout conv: one or both channel counts miss the 8-channel block
             odd = str(rng.choice(("in", "out", "both"))) if plain else ""
             cin, cout = _channels(rng, odd not in ("in", "both")), _channels(rng, odd not in ("out", "both"))
             if kind == "dwconv":

@@ -71,6 +71,7 @@ class KernelStatus:
     trials: int
     best_s: float | None
     skipped: bool = False
+    default_s: float | None = None   # the default schedule, measured as tuning measures candidates
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,12 @@ def _best_s(db, mod) -> tuple[int, float | None]:
 def kernel_coverage(model: ModelProto, target: Target, db_dir: str | Path | None, where: str = "model") -> dict:
     """{"tuned": [...], "untuned": [...]} kernel names of `model` for `target` against the DB."""
     db = open_database(db_dir, target) if db_dir else None
+    index = _read_index(db_path(db_dir, target)) if db is not None else {}
     tuned, untuned = [], []
     for t in extract_kernels(model, target, where):
-        ok = db is not None and _best_s(db, t.dispatched[0])[1] is not None
+        # a kernel whose only record is its measured default schedule was never searched
+        searched = index.get(workload_key(t.dispatched[0]), {}).get("trials", 1) > 0
+        ok = db is not None and searched and _best_s(db, t.dispatched[0])[1] is not None
         (tuned if ok else untuned).append(t.task_name)
     return {"db": str(db_path(db_dir, target)) if db is not None else None, "tuned": tuned, "untuned": untuned}
 
@@ -351,6 +355,54 @@ def _make_builder(max_workers: int, cross_cc: str | None):
     return _PersistentBuilder()
 
 
+def _default_schedule(mod, target, rules):
+    """The schedule the compile pipeline's default rules give `mod`'s PrimFunc, or None if no rule applies."""
+    func = mod["main"]
+    for rule in rules:
+        sch = rule.apply(func, target, False)
+        if isinstance(sch, list):
+            sch = sch[0] if sch else None
+        if sch is not None:
+            return sch
+    return None
+
+
+def _measure_defaults(workloads: list, target: Target, ttarget, builder, runner, db) -> list[float | None]:
+    """Measure each workload's default schedule like a tuning candidate and commit it as a record.
+
+    The search then starts from it (EvolutionarySearch seeds its population with the DB's best),
+    and the DB's best record for a kernel is never slower than the untuned kernel. Returns the
+    measured seconds per workload (None where no rule applies or the build or run failed).
+    """
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from nasc.backends.tvm import default_schedule_rules
+
+    rules = default_schedule_rules(target)
+    with ttarget:
+        schedules = [_default_schedule(mod, ttarget, rules) for mod in workloads]
+    todo = [i for i, sch in enumerate(schedules) if sch is not None]
+    args = {i: ms.arg_info.ArgInfo.from_entry_func(schedules[i].mod, remove_preproc=True) for i in todo}
+    built = builder.build([ms.builder.BuilderInput(schedules[i].mod, ttarget) for i in todo])
+    ran = [i for i, b in zip(todo, built) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, target.device, args[i])
+                          for i, b in zip(todo, built) if b.error_msg is None])
+    seconds: list[float | None] = [None] * len(workloads)
+    for i, fut in zip(ran, futures):
+        res = fut.result()
+        secs = [float(x) for x in res.run_secs or []]
+        if res.error_msg is None and secs and max(secs) < _NO_RUN_S:
+            db.commit_tuning_record(ms.database.TuningRecord(
+                schedules[i].trace, db.commit_workload(workloads[i]), res.run_secs, ttarget, args[i]))
+            seconds[i] = sum(secs) / len(secs)
+    for b in built:
+        if b.artifact_path:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    return seconds
+
+
 def _make_runner(target: Target, rpc: RpcTracker | None):
     from tvm.s_tir import meta_schedule as ms
 
@@ -420,6 +472,15 @@ def tune(
         cross_cc = target.cross_compiler
         runner = _make_runner(target, rpc)
         builder = _make_builder(_physical_cores(), cross_cc)
+        unseeded = [i for i in todo if "default_s" not in index[keys[i]]]
+        if unseeded:
+            if progress:
+                progress(TuneProgress(0, len(todo), 0, trials * len(todo), time.perf_counter() - t0, None,
+                                      "measuring default schedules"))
+            for i, s in zip(unseeded, _measure_defaults([tasks[i].dispatched[0] for i in unseeded], target,
+                                                         ttarget, builder, runner, db)):
+                index[keys[i]]["default_s"] = s
+            _write_json(path / INDEX_FILE, index)
         work_dir = tempfile.mkdtemp(prefix="nasc-tune-logs-")
         contexts = [
             ms.TuneContext(mod=tasks[i].dispatched[0], target=ttarget, space_generator="post-order-apply",
@@ -485,7 +546,8 @@ def tune(
     kernels = []
     for i, t in enumerate(tasks):
         n, b = _best_s(db, t.dispatched[0])
-        kernels.append(KernelStatus(t.task_name, keys[i], int(t.weight), n, b, skipped=i not in todo))
+        kernels.append(KernelStatus(t.task_name, keys[i], int(t.weight), n, b, skipped=i not in todo,
+                                    default_s=index[keys[i]].get("default_s")))
     return TuneReport(path, target.name, kernels, sum(measured.values()), time.perf_counter() - t0, state["stopped"])
 
 

@@ -48,11 +48,19 @@ def import_onnx(model: ModelProto, where: str = "model"):
         raise UnsupportedOpError(f"{where}: TVM cannot import the model: {str(e).splitlines()[-1][:300]}") from None
 
 
-def _cpu_extra(target) -> tuple[list, list]:
-    """nasc's default CPU schedules: layout passes before LegalizeOps, rules after FuseTIR."""
-    from nasc.backends import cpu_schedules
+def default_schedule_rules(target: Target) -> list:
+    """The dlight-style rules, in priority order, that schedule every kernel no tuning record covers.
 
-    return list(cpu_schedules.cpu_layout_passes(target)), list(cpu_schedules.cpu_schedule_passes(target))
+    The pipeline applies them after FuseTIR; tuning measures what they make as its starting point.
+    """
+    from tvm.s_tir import dlight as dl
+
+    if target.kind == "cuda":
+        return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    from nasc.backends.cpu_rules.tir_rules import default_rules
+    from nasc.backends.cpu_rules.vector_spec import cpu_vector_spec
+
+    return default_rules(cpu_vector_spec(target.tvm()))
 
 
 def pipeline(target: Target) -> list[tuple[str, object]]:
@@ -70,19 +78,22 @@ def pipeline(target: Target) -> list[tuple[str, object]]:
             ("fold-constant", relax.transform.FoldConstant()),
             ("fuse-ops", relax.transform.FuseOps()),
             ("fuse-tir", relax.transform.FuseTIR()),
-            ("dlight-gpu-schedules", dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())),
+            ("dlight-gpu-schedules", dl.ApplyDefaultSchedule(*default_schedule_rules(target))),
         ]
     else:
         from tvm.relax.backend.cpu_generic import pipeline as stages
+        from tvm.s_tir import dlight as dl
 
-        layout, schedules = _cpu_extra(t)
-        legalize = [(f"cpu-layout-{i}", p) for i, p in enumerate(layout)] + [
+        from nasc.backends.cpu_schedules import cpu_layout_passes
+
+        legalize = [(f"cpu-layout-{i}", p) for i, p in enumerate(cpu_layout_passes(t))] + [
             ("legalize-ops", relax.transform.LegalizeOps()),
             ("annotate-op-pattern", relax.transform.AnnotateTIROpPattern()),
             ("fold-constant", relax.transform.FoldConstant()),
             ("fuse-ops", relax.transform.FuseOps()),
             ("fuse-tir", relax.transform.FuseTIR()),
-        ] + [(f"cpu-schedule-{i}", p) for i, p in enumerate(schedules)]
+            ("cpu-schedules", dl.ApplyDefaultSchedule(*default_schedule_rules(target))),
+        ]
     named = lambda passes: [(type(p).__name__ if not hasattr(p, "info") else p.info.name, p) for p in passes]  # noqa: E731
     return (
         named(stages.library_dispatch_passes(t))

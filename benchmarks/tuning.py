@@ -1,22 +1,27 @@
-"""ORT vs untuned TVM vs MetaSchedule-tuned TVM on this CPU, side by side in one run, 2 threads.
+"""ORT vs nasc's default schedules vs MetaSchedule-tuned nasc, side by side in one run, 2 threads.
 
-Each model is tuned into a fresh DB under a per-model time budget; the report gives the tuning
-time and ORT_ms / nasc_ms for the untuned and tuned libraries (above 1: nasc is faster).
+Each model (ImageNet-sized ResNet-18, MobileNetV2, Inception style) is tuned whole into a fresh
+database under a time budget; tuning starts from the default schedules, measured first. Then
+the whole model and its heads at three cuts are compiled both ways and timed interleaved with
+ORT on the same graph; ratios are ORT_ms / nasc_ms (above 1: nasc is faster), the median over
+rounds of back-to-back pairs, so load that drifts between rounds cancels.
 
-Run: python benchmarks/tuning.py [--budget-s 420] [-o benchmarks/results/tuning.json]
+Run: python benchmarks/tuning.py [--budget-s 600] [--only resnet18] [-o benchmarks/results/tuning.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import tempfile
-import time
-from pathlib import Path
 
 THREADS = 2
+# TVM's thread pool reads this once, at first use: set it before tvm is imported.
 os.environ["TVM_NUM_THREADS"] = str(THREADS)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as rt  # noqa: E402
@@ -24,92 +29,108 @@ import onnxruntime as rt  # noqa: E402
 from nasc.backends import tuning  # noqa: E402
 from nasc.backends import tvm as tvm_backend  # noqa: E402
 from nasc.backends.targets import resolve_target  # noqa: E402
-from nasc.cli.tune import model_to_tune  # noqa: E402
-from nasc.compile import sample_inputs  # noqa: E402
+from nasc.compile import plan, sample_inputs  # noqa: E402
+from nasc.partitioner import DEVICE_ONLY, SPLIT  # noqa: E402
+from nasc.passes import split_model  # noqa: E402
 
-MODELS = {"resnet18": "example:resnet18", "resnet8": "example:resnet8"}
-DEFAULT_BUDGET_S = {"resnet18": 540.0, "resnet8": 240.0}   # keeps the whole run near 20 minutes
-TRIALS_PER_KERNEL = 32
-WARMUP, REPEATS = 3, 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_schedules import IMAGE_PX, MODELS, paired_ratio, sample_ms  # noqa: E402
+
+BUDGET_S = 600.0              # tuning time per model; the goal allows 20 minutes
+TRIALS_PER_KERNEL = 64        # more than the budget reaches: the budget ends each run
+HEAD_FRACTIONS = (0.25, 0.5, 0.75)   # heads at cuts this far through the model's split cuts
+ROUNDS = 7
 ATOL = 1e-3
+RESULTS = Path(__file__).resolve().parent / "results" / "tuning.json"
 
 
-def _median_ms(fn, feeds) -> float:
-    for _ in range(WARMUP):
-        fn(feeds)
-    times = []
-    for _ in range(REPEATS):
-        t = time.perf_counter()
-        fn(feeds)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+def _graphs(model) -> tuple:
+    """(prepared whole model, [(label, graph)]): the whole model for ORT, and heads at HEAD_FRACTIONS."""
+    p = plan(model, split=DEVICE_ONLY)
+    whole, _ = split_model(p.analysis, p.cut)
+    splits = [c for c in p.cuts if c.kind == SPLIT]
+    picked = sorted({splits[int(f * (len(splits) - 1))].index for f in HEAD_FRACTIONS})
+    heads = [(f"head@{i}", split_model(p.analysis, next(c for c in splits if c.index == i))[0]) for i in picked]
+    return whole, [("whole", whole)] + heads
 
 
-def _ort_session(model):
+def _runners(graph, target, db, feeds):
+    """ORT, default-schedule and tuned callables for one graph, each checked against ORT."""
     so = rt.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    return rt.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    sess = rt.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ins = [i.name for i in graph.graph.input]
+    outs = [o.name for o in graph.graph.output]
+    want = dict(zip(outs, sess.run(outs, feeds)))
+    runs = {"ort": lambda: sess.run(outs, feeds)}
+    errors = {}
+    for kind, database in (("default", None), ("tuned", tuning.open_database(db, target))):
+        runner = tvm_backend.Runner(tvm_backend.compile_model(graph, target, database=database), "cpu", ins, outs)
+        got = runner(feeds)
+        errors[kind] = max(float(np.abs(got[n] - want[n]).max()) for n in outs)
+        scale = max(1.0, max(float(np.abs(w).max()) for w in want.values()))
+        assert errors[kind] <= ATOL * scale, f"{kind} TVM differs from ORT by {errors[kind]}"
+        runs[kind] = lambda r=runner: r(feeds)
+    return runs, errors
 
 
-def _tvm_runner(model, target, db):
-    ex = tvm_backend.compile_model(model, target, database=tuning.open_database(db, target) if db else None)
-    ins = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    return tvm_backend.Runner(ex, "cpu", ins, [o.name for o in model.graph.output])
-
-
-def bench(name: str, source: str, budget_s: float, target) -> dict:
-    model = model_to_tune(source, None, "head")
-    feeds = sample_inputs(model, 1)[0]
-    sess = _ort_session(model)
-    outs = [o.name for o in model.graph.output]
-    ort_fn = lambda f: dict(zip(outs, sess.run(outs, f)))  # noqa: E731
-    ref = ort_fn(feeds)
-    untuned = _tvm_runner(model, target, None)
+def bench(name: str, model, budget_s: float, target, rounds: int) -> dict:
+    whole, graphs = _graphs(model)
     with tempfile.TemporaryDirectory() as db:
-        t0 = time.perf_counter()
-        report = tuning.tune(model, target, db, trials=TRIALS_PER_KERNEL, time_budget_s=budget_s)
-        tune_s = time.perf_counter() - t0
-        tuned = _tvm_runner(model, target, db)
-        cover = tuning.kernel_coverage(model, target, db)
-    for run in (untuned, tuned):
-        got = run(feeds)
-        err = max(float(np.abs(got[n] - ref[n]).max()) for n in outs)
-        assert err <= ATOL * max(1.0, float(np.abs(ref[outs[0]]).max())), f"{name}: TVM differs from ORT by {err}"
-    # measured side by side, interleaved, in one process
-    ort_ms = _median_ms(ort_fn, feeds)
-    untuned_ms = _median_ms(untuned, feeds)
-    tuned_ms = _median_ms(tuned, feeds)
+        report = tuning.tune(whole, target, db, trials=TRIALS_PER_KERNEL, time_budget_s=budget_s, where=name)
+        kernels = [k for k in report.kernels if k.default_s and k.best_s]
+        default_sum = sum(k.default_s * k.weight for k in kernels)
+        tuned_sum = sum(k.best_s * k.weight for k in kernels)
+        rows = []
+        for label, graph in graphs:
+            feeds = sample_inputs(graph, 1)[0]
+            runs, errors = _runners(graph, target, db, feeds)
+            cover = tuning.kernel_coverage(graph, target, db)
+            samples = {k: [] for k in runs}
+            for _ in range(rounds):
+                for k, run in runs.items():
+                    samples[k].append(sample_ms(run))
+            ratio = lambda k: paired_ratio(samples["ort"], samples[k])  # noqa: E731
+            row = {"graph": label, **{f"{k}_ms": round(min(v), 3) for k, v in samples.items()},
+                   "ort_over_default": round(ratio("default"), 3), "ort_over_tuned": round(ratio("tuned"), 3),
+                   "kernels_tuned": len(cover["tuned"]), "kernels_untuned": len(cover["untuned"]),
+                   "max_abs_err_vs_ort": errors}
+            rows.append(row)
+            print(f"{name:12s} {label:9s} ORT {row['ort_ms']:8.2f} ms  default {row['default_ms']:8.2f} ms "
+                  f"({row['ort_over_default']:.2f}x)  tuned {row['tuned_ms']:8.2f} ms ({row['ort_over_tuned']:.2f}x)  "
+                  f"kernels tuned {row['kernels_tuned']}/{row['kernels_tuned'] + row['kernels_untuned']}", flush=True)
     return {
-        "model": name, "threads": THREADS, "tune_budget_s": budget_s, "tune_s": round(tune_s, 1),
+        "model": name, "tune_budget_s": budget_s, "tune_s": round(report.elapsed_s, 1),
         "trials_measured": report.trials_measured, "stopped": report.stopped,
-        "kernels_tuned": len(cover["tuned"]), "kernels_untuned": len(cover["untuned"]),
-        "ort_ms": round(ort_ms, 3), "tvm_untuned_ms": round(untuned_ms, 3), "tvm_tuned_ms": round(tuned_ms, 3),
-        "ort_over_untuned": round(ort_ms / untuned_ms, 3), "ort_over_tuned": round(ort_ms / tuned_ms, 3),
+        "kernels": len(report.kernels), "kernels_searched": sum(1 for k in report.kernels if k.trials > 1),
+        "kernel_sum_default_ms": round(default_sum * 1e3, 3), "kernel_sum_tuned_ms": round(tuned_sum * 1e3, 3),
+        "graphs": rows,
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--budget-s", type=float, help="tuning time per model (default: per-model, ~20 min in all)")
-    ap.add_argument("-o", "--output", default=str(Path(__file__).parent / "results" / "tuning.json"))
-    args = ap.parse_args()
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="tuning time per model (default %(default)s)")
+    ap.add_argument("--only", nargs="*", choices=sorted(MODELS), help="these models only")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("-o", "--output", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
     target = resolve_target("llvm")
-    rows = []
-    for name, source in MODELS.items():
-        row = bench(name, source, args.budget_s or DEFAULT_BUDGET_S[name], target)
-        rows.append(row)
-        print(f"{name:10s} tune {row['tune_s']:6.0f} s ({row['kernels_tuned']} tuned / {row['kernels_untuned']} untuned)  "
-              f"ORT {row['ort_ms']:8.2f} ms  TVM untuned {row['tvm_untuned_ms']:8.2f} ms ({row['ort_over_untuned']:.2f}x)  "
-              f"tuned {row['tvm_tuned_ms']:8.2f} ms ({row['ort_over_tuned']:.2f}x)", flush=True)
-    result = {"target": target.spec, "host_cpu": tuning.host_cpu_model(), "ratio": "ORT_ms / nasc_ms", "models": rows}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    results = []
+    for name in args.only or list(MODELS):
+        results.append(bench(name, MODELS[name](), args.budget_s, target, args.rounds))
+        r = results[-1]
+        print(f"{name}: tuned {r['tune_s']:.0f} s, {r['trials_measured']} trials ({r['stopped']}); "
+              f"kernel sum {r['kernel_sum_default_ms']:.2f} -> {r['kernel_sum_tuned_ms']:.2f} ms", flush=True)
+    out = {"target": target.spec, "host_cpu": tuning.host_cpu_model(), "threads": THREADS, "image_px": IMAGE_PX,
+           "ratio": "ORT_ms / nasc_ms, median of back-to-back pairs", "models": results}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -22,8 +22,8 @@ from nasc.partitioner.analysis import Analysis, _attr
 from nasc.partitioner.load import node_inputs
 
 CLASSES = ("conv", "conv1x1", "dwconv", "matmul", "pool", "reduce", "eltwise", "other", "layout")
-# convs whose channel counts are not multiples of this miss the CPU layout pass's NCHW{8}c
-# blocks (AVX2) and run in plain layout, several times slower per FLOP: a cost term of their own
+# convs whose channel counts are not multiples of this run with the CPU layout pass's narrowest
+# block (4 lanes) or in plain layout, several times slower per FLOP: a cost term of their own
 CHANNEL_ALIGN = 8
 # numeric features, in design-matrix order (after the intercept)
 NUMERIC = ("flops", "in_bytes", "out_bytes", "weight_bytes", "out_channels", "in_channels_per_group",

@@ -114,6 +114,64 @@ def test_blocked_conv_is_tiled_vectorised_and_parallel():
         assert "T.parallel" in text and "T.vectorized" in text and "_local" in text
 
 
+def test_conv_block_is_one_width_per_model():
+    # the widest block dividing every conv that some block divides; a 3-channel stem stays plain
+    assert cs.conv_block([(3, 64, 1), (64, 64, 1), (64, 128, 1)], 16) == 16
+    assert cs.conv_block([(3, 32, 1), (32, 24, 1), (24, 144, 1), (144, 144, 144)], 16) == 8
+    assert cs.conv_block([(12, 772, 1), (772, 128, 1)], 16) == 4
+    assert cs.conv_block([(3, 5, 1), (6, 10, 2)], 16) is None     # nothing blockable; grouped convs never
+    assert cs.conv_block([(16, 16, 1)], 8) == 8                   # never wider than the target's block
+    # tensors concatenated along channels must divide too: 36 + 6 channels leave nothing to block
+    assert cs.conv_block([(48, 12, 1), (36, 48, 1)], 16, fixed=[36, 6, 42]) is None
+    assert cs.conv_block([(48, 16, 1), (32, 48, 1)], 16, fixed=[32, 16, 48]) == 16
+    assert cs.runs_blocked("Conv", 24, 48, 1, [False], 8) and not cs.runs_blocked("Conv", 3, 48, 1, [False], 8)
+    assert cs.runs_blocked("Relu", 0, 0, 1, [True], 8) and not cs.runs_blocked("Conv", 24, 48, 1, [True], None)
+
+
+def _conv_chain(channels: list[int], hw: int = 10) -> onnx.ModelProto:
+    rng = np.random.default_rng(SEED)
+    nodes, inits, x = [], [], "x"
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        inits.append(_const(rng, f"w{i}", (cout, cin, 3, 3), 0.2))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], kernel_shape=[3, 3], pads=[1] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    return _model(nodes, {"x": [1, channels[0], hw, hw]}, x, inits)
+
+
+def test_concat_of_blocked_and_unblockable_channels_compiles():
+    """A blockable conv's 16 channels joined to 6 others: no block divides 6, so nothing is blocked
+    (ConvertLayout would fail to block the joined tensors)."""
+    rng = np.random.default_rng(SEED)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Concat", ["c", "z"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w2"], ["y"], kernel_shape=[1, 1])]
+    model = _model(nodes, {"x": [1, 8, 8, 8], "z": [1, 6, 8, 8]}, "y",
+                   [_const(rng, "w", (16, 8, 3, 3), 0.2), _const(rng, "w2", (16, 22, 1, 1), 0.2)])
+    _assert_matches_ort(model)
+    assert not any("conv2d_nchwc" in g.name_hint for g, _ in _scheduled_module(model).functions_items())
+
+
+@pytest.mark.parametrize("channels", [[16, 24, 32, 64], [3, 24, 40], [12, 20, 36]])
+def test_convs_of_mixed_channel_counts_share_one_block(channels):
+    """Channel counts one block width cannot all take still compile (one narrower block for the
+    model), are blocked, and match ORT."""
+    model = _conv_chain(channels)
+    _assert_matches_ort(model)
+    mod = _scheduled_module(model)
+    assert any("conv2d_nchwc" in g.name_hint for g, _ in mod.functions_items())
+
+
+def test_plain_conv_accumulates_with_the_vector_lanes_innermost():
+    """A 3-channel stem runs plain NCHW vectorised over output channels: its register tile must
+    hold those channels innermost, or every FMA gathers and scatters its accumulator."""
+    mod = _scheduled_module(_conv_block(3, 16, 7, stride=2, hw=20))
+    (func,) = [f for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in g.name_hint]
+    local = [b for b in func.body.block.alloc_buffers if b.scope() == "local"]
+    assert local, "the conv accumulates in a local register tile"
+    assert [int(d) for d in local[0].shape] == [1, 10, 10, 16]   # N, H, W, C: channels innermost
+
+
 def _gemm(m, k, n, trans_b=True):
     rng = np.random.default_rng(SEED)
     w_shape = (n, k) if trans_b else (k, n)
@@ -128,7 +186,8 @@ def test_dense_matches_ort(m, k, n, trans_b):
 
 
 def test_dense_weight_is_packed_and_tiled():
-    mod = _scheduled_module(_gemm(4, 64, 32))
+    # several column panels on any host, so that there is a panel loop to parallelise
+    mod = _scheduled_module(_gemm(4, 64, 4 * cs.cpu_vector_spec(HOST).matmul_cols))
     (func,) = [f for g, f in mod.functions_items() if "matmul" in g.name_hint]
     text = func.script()
     assert cs.MATMUL_BLOCK_NAME in text, "constant weight was not packed into column panels"

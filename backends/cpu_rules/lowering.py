@@ -11,6 +11,8 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 
 CONV_BLOCK_NAME = "nasc_conv2d_nchwc"
+# The narrowest channel block worth a blocked layout: one 128-bit vector of float32.
+MIN_CONV_BLOCK = 4
 MATMUL_BLOCK_NAME = "nasc_matmul_packed"
 
 
@@ -201,10 +203,93 @@ class _LowerCpuOps:
         return lowerer.builder_.get()
 
 
+def conv_block(convs: list[tuple[int, int, int]], channel_block: int, fixed: list[int] = ()) -> int | None:
+    """Channels per NCHW{c}c block for a model's convs, given as (in, out, groups); None: all plain.
+
+    One block for the whole model, since TVM's ConvertLayout cannot convert between blocks of
+    different widths: the widest, from `channel_block` halving down to MIN_CONV_BLOCK, that
+    divides the channels of every dense or depthwise conv that some block divides (a narrower
+    vector beats the plain layout's scalar channel loop by far). Convs it does not divide, such
+    as a 3-channel stem, stay plain. It must also divide every channel count in `fixed`: the
+    tensors joined or cut along channels (Concat, Split, Slice), which ConvertLayout would
+    otherwise try to block whatever their channels.
+    """
+    blocks = []
+    b = channel_block
+    while b >= MIN_CONV_BLOCK:
+        blocks.append(b)
+        b //= 2
+    fits = lambda blk, c: (c[2] == 1 or c[2] == c[0] == c[1]) and c[0] > 0 and c[1] > 0 \
+        and c[0] % blk == 0 and c[1] % blk == 0  # noqa: E731
+    blockable = [c for c in convs if blocks and fits(blocks[-1], c)]
+    if not blockable:
+        return None
+    return next((blk for blk in blocks if all(fits(blk, c) for c in blockable) and all(f % blk == 0 for f in fixed)),
+                None)
+
+
+def _conv_shapes(call: relax.Call) -> tuple[int, int, int] | None:
+    """(in channels, out channels, groups) of an NCHW conv2d with static shapes."""
+    data, weight = _static_shape(call.args[0]), _static_shape(call.args[1])
+    if call.attrs.data_layout != "NCHW" or data is None or weight is None:
+        return None
+    return data[1], weight[0], int(call.attrs.groups)
+
+
+# ops that join or cut tensors, along channels among others: their tensors' channel counts bind the block
+_CHANNEL_BINDING_OPS = {"relax.concat", "relax.split", "relax.strided_slice"}
+
+
+def _channel_counts(expr: relax.Expr) -> list[int]:
+    """Channel counts (dim 1) of the static 4-D tensors `expr` is or holds."""
+    ty = expr.ty
+    counts = []
+    for t in (list(ty.fields) if hasattr(ty, "fields") else [ty]):
+        shape = getattr(t, "shape", None)
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], tirx.IntImm):
+            counts.append(int(shape[1]))
+    return counts
+
+
+@tvm.transform.module_pass(opt_level=0, name="ConvertConvLayout")
+class _ConvertConvLayout:
+    """ConvertLayout with the model's `conv_block` for each conv2d its block divides."""
+
+    def __init__(self, channel_block: int):
+        self.channel_block = channel_block
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        convs, fixed = [], []
+
+        def collect(expr):
+            if not (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)):
+                return
+            if expr.op.name == "relax.nn.conv2d":
+                convs.append(_conv_shapes(expr))
+            elif expr.op.name in _CHANNEL_BINDING_OPS:
+                fixed.extend(_channel_counts(expr) + [c for arg in expr.args for c in _channel_counts(arg)])
+
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                relax.analysis.post_order_visit(func, collect)
+        block = conv_block([c for c in convs if c], self.channel_block, fixed)
+        if block is None:
+            return mod
+
+        def layouts(call: relax.Call):
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+                return {}
+            shapes = _conv_shapes(call)
+            if shapes is None or conv_block([shapes], block) != block:
+                return {}
+            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o"]}
+
+        return relax.transform.ConvertLayout({}, layouts)(mod)
+
+
 def lowering_passes(channel_block: int, matmul_panel: int) -> list[tvm.transform.Pass]:
-    """Relax passes, before LegalizeOps: NCHW{channel_block}c convs, packed matmul weights."""
-    layouts = {"relax.nn.conv2d": [f"NCHW{channel_block}c", f"OIHW{channel_block}o"]}
+    """Relax passes, before LegalizeOps: NCHW{c}c convs (c from `conv_block`), packed matmul weights."""
     # FoldConstant first turns Gemm's transposed weight into a plain constant the matmul
     # lowering can pack.
     return [relax.transform.FoldConstant(), _RecoverScalarMinMax(),
-            relax.transform.ConvertLayout(layouts), _LowerCpuOps(matmul_panel)]
+            _ConvertConvLayout(channel_block), _LowerCpuOps(matmul_panel)]

@@ -127,16 +127,20 @@ def _schedule_conv_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     n, co, oh, ow, ci, rc, ry, rx = sch.get_loops(conv)
     cols = _largest_divisor(_extent(sch, ow), spec.conv_tile_cols)
     owo, owi = sch.split(ow, [None, cols])
+    # a tile of `rows` output-channel blocks, where they divide the blocks there are
+    rows = spec.conv_tile_rows if _extent(sch, co) % spec.conv_tile_rows == 0 else 1
+    coo, coi = sch.split(co, [None, rows])
     c_block, in_channels = _extent(sch, ci), _extent(sch, rc)
     if in_channels % c_block == 0 and in_channels > c_block:
         rco, rci = sch.split(rc, [None, c_block])
-        sch.reorder(n, co, oh, owo, rco, ry, rx, rci, owi, ci)
+        sch.reorder(n, coo, oh, owo, rco, ry, rx, rci, coi, owi, ci)
     else:
         rco = rc
-        sch.reorder(n, co, oh, owo, rco, ry, rx, owi, ci)
+        sch.reorder(n, coo, oh, owo, rco, ry, rx, coi, owi, ci)
+    sch.unroll(coi)
     sch.unroll(owi)
     sch.vectorize(ci)
-    _tile_accumulator(sch, conv, owo, rco, [n, co, oh])
+    _tile_accumulator(sch, conv, owo, rco, [n, coo, oh])
     _schedule_remaining(sch, spec, skip=[conv])
     return True
 
@@ -161,6 +165,9 @@ def _schedule_conv_nchw(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     sch.unroll(owi)
     sch.vectorize(oci)
     _tile_accumulator(sch, conv, owo, rc, [n, oco, oh])
+    # The register tile is compacted in the accumulator's layout: put the vector lanes (output
+    # channels) innermost, or every FMA gathers and scatters its accumulator at a stride.
+    sch.transform_layout(conv, ("write", 0), lambda n_, o, h, w: (n_, h, w, o))
     _schedule_remaining(sch, spec, skip=[conv])
     return True
 

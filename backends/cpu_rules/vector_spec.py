@@ -9,6 +9,10 @@ import tvm
 # Output columns held in registers per conv tile: 8 accumulators of one vector each leave half
 # of the 16 AVX2 / 32 NEON vector registers for the weight vector and the broadcasts.
 REGISTER_TILE_COLS = 8
+# Output-channel blocks per conv tile. AVX-512 has 32 registers: two blocks x 8 columns = 16
+# accumulators, enough independent FMAs to cover their latency on both FMA ports, and each
+# broadcast input pixel feeds two of them.
+WIDE_REGISTER_TILE_ROWS = 2
 # Channels per layout block span at least 256 bits: one AVX2 register, two NEON ones, and a
 # whole register on AVX-512 (whose block is then 512 bits).
 MIN_CHANNEL_BLOCK_BITS = 256
@@ -22,6 +26,7 @@ class CpuVectorSpec:
     vector_bits: int
     channel_block: int
     conv_tile_cols: int = REGISTER_TILE_COLS
+    conv_tile_rows: int = 1
 
     @property
     def matmul_cols(self) -> int:
@@ -46,4 +51,5 @@ def cpu_vector_spec(target: tvm.target.Target) -> CpuVectorSpec:
     else:
         bits = 128
     return CpuVectorSpec(vector_bits=bits,
-                         channel_block=max(bits, MIN_CHANNEL_BLOCK_BITS) // FLOAT32_BITS)
+                         channel_block=max(bits, MIN_CHANNEL_BLOCK_BITS) // FLOAT32_BITS,
+                         conv_tile_rows=WIDE_REGISTER_TILE_ROWS if bits == 512 else 1)

@@ -101,10 +101,11 @@ def _run(args, out) -> int:
 def _table(report) -> Table:
     t = Table(title=f"kernels for {report.target}", title_justify="left", header_style="bold")
     for col, just in (("kernel", "left"), ("workload", "left"), ("uses", "right"), ("trials", "right"),
-                      ("best µs", "right"), ("", "left")):
+                      ("default µs", "right"), ("best µs", "right"), ("", "left")):
         t.add_column(col, justify=just)
+    us = lambda s: f"{s * 1e6:.2f}" if s else "-"  # noqa: E731
     for k in report.kernels:
-        t.add_row(k.name, k.workload_key, str(k.weight), str(k.trials), f"{k.best_s * 1e6:.2f}" if k.best_s else "-",
+        t.add_row(k.name, k.workload_key, str(k.weight), str(k.trials), us(k.default_s), us(k.best_s),
                   "[dim]already tuned[/]" if k.skipped else "")
     return t
 
