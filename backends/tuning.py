@@ -72,6 +72,7 @@ class KernelStatus:
     best_s: float | None
     skipped: bool = False
     default_s: float | None = None   # the default schedule, measured as tuning measures candidates
+    deferred: bool = False           # left out of this run's search by `time_share`: default kept
 
 
 @dataclass(frozen=True)
@@ -436,12 +437,17 @@ def tune(
     num_cores: int | None = None,
     seed: int = DEFAULT_SEED,
     where: str = "model",
+    time_share: float = 1.0,
     progress: Callable[[TuneProgress], None] | None = None,
 ) -> TuneReport:
     """Tune every kernel of `model` for `target` that the DB does not already cover with `trials` trials.
 
-    Records are committed as they are measured, so an interruption (Ctrl-C, a time budget) keeps
-    them; a later run resumes with the kernels still short of their trials.
+    Each kernel's default schedule is measured first. With `time_share` below 1, only the kernels
+    that, largest first by measured default time x uses, make up that share of the model's time
+    are searched; the others keep their default schedules (`deferred`) and a later run with a
+    larger share takes them up. Records are committed as they are measured, so an interruption
+    (Ctrl-C, a time budget) keeps them; a later run resumes with the kernels still short of
+    their trials.
     """
     import tempfile
 
@@ -452,6 +458,8 @@ def tune(
         raise NascError(f"--trials {trials}: must be at least 1")
     if time_budget_s is not None and time_budget_s <= 0:
         raise NascError(f"--time-budget {time_budget_s}: must be positive seconds")
+    if not 0 < time_share <= 1:
+        raise NascError(f"--time-share {time_share}: must be in (0, 1]")
     t0 = time.perf_counter()
     tasks = extract_kernels(model, target, where, num_cores)
     db = open_database(db_dir, target, create=True)
@@ -463,6 +471,7 @@ def tune(
         index.setdefault(k, {"name": tasks[i].task_name, "trials": 0, "requested": 0})
 
     measured = {keys[i]: 0 for i in todo}
+    deferred: list[int] = []
     best: dict[str, float] = {}
     state = {"stopped": "done" if todo else "nothing-to-tune", "done": 0}
 
@@ -481,6 +490,9 @@ def tune(
                                                          ttarget, builder, runner, db)):
                 index[keys[i]]["default_s"] = s
             _write_json(path / INDEX_FILE, index)
+        todo, deferred = _focus(todo, [tasks[i].weight for i in range(len(tasks))],
+                                [index[k].get("default_s") for k in keys], time_share)
+        measured = {keys[i]: 0 for i in todo}
         work_dir = tempfile.mkdtemp(prefix="nasc-tune-logs-")
         contexts = [
             ms.TuneContext(mod=tasks[i].dispatched[0], target=ttarget, space_generator="post-order-apply",
@@ -546,9 +558,26 @@ def tune(
     kernels = []
     for i, t in enumerate(tasks):
         n, b = _best_s(db, t.dispatched[0])
-        kernels.append(KernelStatus(t.task_name, keys[i], int(t.weight), n, b, skipped=i not in todo,
-                                    default_s=index[keys[i]].get("default_s")))
+        kernels.append(KernelStatus(t.task_name, keys[i], int(t.weight), n, b,
+                                    skipped=i not in todo and i not in deferred,
+                                    default_s=index[keys[i]].get("default_s"), deferred=i in deferred))
     return TuneReport(path, target.name, kernels, sum(measured.values()), time.perf_counter() - t0, state["stopped"])
+
+
+def _focus(todo: list[int], weights: list[int], default_s: list[float | None], share: float) -> tuple[list, list]:
+    """(searched, deferred) kernels of `todo`: the fewest, largest first by default time x uses,
+    that make up `share` of their total; a kernel with no measured default is always searched."""
+    if share >= 1:
+        return todo, []
+    cost = {i: weights[i] * default_s[i] for i in todo if default_s[i] is not None}
+    keep = [i for i in todo if i not in cost]
+    total, acc = sum(cost.values()), 0.0
+    for i in sorted(cost, key=lambda i: -cost[i]):
+        if acc >= share * total:
+            break
+        keep.append(i)
+        acc += cost[i]
+    return [i for i in todo if i in keep], [i for i in todo if i not in keep]
 
 
 class _BudgetSpent(Exception):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 TRIALS = 2
 ONE_KERNEL_SPLIT = "2"     # tiny's head at cut 2 is one fused conv kernel: the cheapest real tuning
-MANY_KERNEL_SPLIT = "7"    # three kernels, one of them shared with the head above
+MANY_KERNEL_SPLIT = "7"    # several kernels, one of them shared with the head above
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,6 +172,21 @@ def test_time_budget_keeps_records_and_resumes(tuned_db, llvm):
     done = {k.workload_key for k in measured if k.trials >= TRIALS}
     resumed = tuning.tune(model, llvm, db, trials=TRIALS, time_budget_s=1.0)
     assert all(k.skipped for k in resumed.kernels if k.workload_key in done | shared)
+
+
+def test_time_share_searches_the_kernels_that_carry_the_time(tmp_path, llvm):
+    model = model_to_tune("example:tiny", MANY_KERNEL_SPLIT, "head")
+    report = tuning.tune(model, llvm, tmp_path, trials=TRIALS, time_share=0.01)
+    assert all(k.default_s for k in report.kernels), "every kernel's default schedule was measured"
+    searched = [k for k in report.kernels if not k.deferred]
+    assert len(searched) == 1 and len(report.kernels) > 1
+    assert searched[0].weight * searched[0].default_s == max(k.weight * k.default_s for k in report.kernels)
+    assert all(k.trials == 1 and not k.skipped for k in report.kernels if k.deferred), "deferred: default record only"
+    # deferred kernels are taken up by a later run that covers all the time
+    again = tuning.tune(model, llvm, tmp_path, trials=TRIALS)
+    assert {k.name for k in again.kernels if not k.skipped} == {k.name for k in report.kernels if k.deferred}
+    with pytest.raises(NascError, match="time-share"):
+        tuning.tune(model, llvm, tmp_path, time_share=0)
 
 
 def _free_port() -> int:

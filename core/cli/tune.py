@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, metavar="DIR", help="tuning database directory, shared across models and runs")
     p.add_argument("--trials", type=int, default=tuning.DEFAULT_TRIALS_PER_KERNEL, help="measured candidates per kernel (default %(default)s)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this long; what was measured is kept")
+    p.add_argument("--time-share", type=float, default=1.0, metavar="FRACTION",
+                   help="search only the kernels making up this share of the measured default time, largest first "
+                        "(default %(default)s: all); the rest keep their default schedules")
     p.add_argument("--split", help="tune one half at this cut (as nasc-compile --split); default: the whole model")
     p.add_argument("--half", choices=["head", "tail"], default="head", help="which half of --split to tune (default head)")
     p.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on a device registered with a TVM RPC tracker")
@@ -87,7 +90,8 @@ def _run(args, out) -> int:
                        best=f"best {b * 1e6:.1f} µs" if b else "", eta=f"{pr.eta_s:.0f}s" if pr.eta_s is not None else "?")
 
         report = tuning.tune(model, target, args.db, trials=args.trials, time_budget_s=args.time_budget, rpc=rpc,
-                             num_cores=args.num_cores, seed=args.seed, where=args.model, progress=show)
+                             num_cores=args.num_cores, seed=args.seed, where=args.model, time_share=args.time_share,
+                             progress=show)
     out.print(_table(report))
     why = {"done": "done", "time-budget": "stopped at the time budget (rerun to resume)",
            "nothing-to-tune": "every kernel already tuned in this DB"}[report.stopped]
@@ -106,7 +110,7 @@ def _table(report) -> Table:
     us = lambda s: f"{s * 1e6:.2f}" if s else "-"  # noqa: E731
     for k in report.kernels:
         t.add_row(k.name, k.workload_key, str(k.weight), str(k.trials), us(k.default_s), us(k.best_s),
-                  "[dim]already tuned[/]" if k.skipped else "")
+                  "[dim]already tuned[/]" if k.skipped else "[dim]default kept (small share)[/]" if k.deferred else "")
     return t
 
 
