@@ -15,11 +15,11 @@ import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
-from .cpu_rules.lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, conv_block, lowering_passes
+from .cpu_rules.lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, block_fits, conv_block, lowering_passes
 from .cpu_rules.tir_rules import default_rules
 from .cpu_rules.vector_spec import CpuVectorSpec, cpu_vector_spec
 
-__all__ = ["CONV_BLOCK_NAME", "MATMUL_BLOCK_NAME", "CpuVectorSpec", "conv_block", "cpu_layout_passes",
+__all__ = ["CONV_BLOCK_NAME", "MATMUL_BLOCK_NAME", "CpuVectorSpec", "block_fits", "conv_block", "cpu_layout_passes",
            "cpu_schedule_passes", "cpu_vector_spec", "scheduled_cpu_pipeline"]
 
 
@@ -72,7 +72,7 @@ def runs_blocked(op_type: str, in_channels: int, out_channels: int, groups: int,
     if not model_block:
         return False
     if op_type == "Conv":
-        return conv_block([(in_channels, out_channels, groups)], model_block) == model_block
+        return block_fits(model_block, (in_channels, out_channels, groups))
     if op_type in _LAYOUT_FOLLOWERS and inputs_blocked:
         return all(inputs_blocked) if op_type == "Concat" else inputs_blocked[0]
     return False

@@ -203,6 +203,13 @@ class _LowerCpuOps:
         return lowerer.builder_.get()
 
 
+def block_fits(block: int, conv: tuple[int, int, int]) -> bool:
+    """Whether an NCHW{block}c layout can hold this (in, out, groups) conv: dense or depthwise,
+    both channel counts multiples of the block."""
+    cin, cout, groups = conv
+    return (groups == 1 or groups == cin == cout) and cin > 0 and cout > 0 and cin % block == 0 and cout % block == 0
+
+
 def conv_block(convs: list[tuple[int, int, int]], channel_block: int, fixed: list[int] = ()) -> int | None:
     """Channels per NCHW{c}c block for a model's convs, given as (in, out, groups); None: all plain.
 
@@ -219,13 +226,11 @@ def conv_block(convs: list[tuple[int, int, int]], channel_block: int, fixed: lis
     while b >= MIN_CONV_BLOCK:
         blocks.append(b)
         b //= 2
-    fits = lambda blk, c: (c[2] == 1 or c[2] == c[0] == c[1]) and c[0] > 0 and c[1] > 0 \
-        and c[0] % blk == 0 and c[1] % blk == 0  # noqa: E731
-    blockable = [c for c in convs if blocks and fits(blocks[-1], c)]
+    blockable = [c for c in convs if blocks and block_fits(blocks[-1], c)]
     if not blockable:
         return None
-    return next((blk for blk in blocks if all(fits(blk, c) for c in blockable) and all(f % blk == 0 for f in fixed)),
-                None)
+    return next((blk for blk in blocks
+                 if all(block_fits(blk, c) for c in blockable) and all(f % blk == 0 for f in fixed)), None)
 
 
 def _conv_shapes(call: relax.Call) -> tuple[int, int, int] | None:
@@ -280,7 +285,7 @@ class _ConvertConvLayout:
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
                 return {}
             shapes = _conv_shapes(call)
-            if shapes is None or conv_block([shapes], block) != block:
+            if shapes is None or not block_fits(block, shapes):
                 return {}
             return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o"]}
 
