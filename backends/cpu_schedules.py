@@ -2,8 +2,9 @@
 
 Two hooks for the llvm pipeline (stages as in tvm/relax/backend/cpu_generic/pipeline.py):
   * `cpu_layout_passes(target)`: on the Relax module, right before `LegalizeOps`. Converts conv2d
-    to NCHW{c}c / OIHW{c}o (one block c per model, see `conv_block`) and constant matmul weights to column panels (both re-packed at compile
-    time by the `FoldConstant` that follows LegalizeOps) and lowers those ops to TIR itself.
+    to NCHW{c}c / OIHW{c}o (one block c per model, see `conv_block`) and constant matmul weights
+    to column panels (both re-packed at compile time by the `FoldConstant` that follows
+    LegalizeOps) and lowers those ops to TIR itself.
   * `cpu_schedule_passes(target)`: on the fused TIR, right after `FuseTIR`. dlight-style rules
     tile, vectorise and parallelise conv, matmul, pooling and (fallback) everything else.
 `scheduled_cpu_pipeline(target)` is TVM's cpu_generic pipeline with both inserted there.
