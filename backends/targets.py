@@ -62,12 +62,39 @@ class Target:
     def to_json(self) -> dict:
         return {"name": self.name, "tvm": self.spec}
 
+    @classmethod
+    def from_manifest(cls, entry: dict) -> "Target":
+        """The target a manifest recorded (its `to_json`), unvalidated: the manifest is hashed and
+        was checked when compiled, and a device that runs artifacts may have only the TVM runtime."""
+        return cls(entry["name"], json.dumps(entry["tvm"], sort_keys=True))
+
+
+@lru_cache(maxsize=1)
+def load_cuda_runtime() -> None:
+    """Make TVM's CUDA runtime available. TVM loads it with its compiler backends; a server
+    running artifacts with the TVM runtime alone (TVM_USE_RUNTIME_LIB=1) loads it here."""
+    import tvm.base
+
+    if "tvm_runtime_cuda" in tvm.base._LOADED_LIBS:
+        return
+    from pathlib import Path
+
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")
+    except (OSError, FileNotFoundError, RuntimeError):
+        pass  # no CUDA driver or runtime here: CUDA devices do not exist
+
 
 @lru_cache(maxsize=1)
 def _cuda_available() -> bool:
     try:
         import tvm
 
+        load_cuda_runtime()
         return bool(tvm.cuda(0).exist)
     except Exception:  # no CUDA runtime library at all
         return False

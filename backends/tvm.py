@@ -158,17 +158,25 @@ def tvm_device(device: str):
     """The TVM device for a target's `device` ("cuda" or "cpu")."""
     import tvm
 
-    return tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    if device == "cuda":
+        from nasc.backends.targets import load_cuda_runtime
+
+        load_cuda_runtime()
+        return tvm.cuda(0)
+    return tvm.cpu(0)
 
 
 class Runner:
-    """Runs a compiled library with the TVM VM; feeds and results are numpy arrays in ONNX order."""
+    """Runs a compiled library with the TVM VM; feeds and results are numpy arrays in ONNX order.
+
+    It needs only the TVM runtime (a device may run with TVM_USE_RUNTIME_LIB=1 and no compiler).
+    """
 
     def __init__(self, library, device: str, input_names: list[str], output_names: list[str]):
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine
 
         self.dev = tvm_device(device)
-        self.vm = relax.VirtualMachine(library, self.dev)
+        self.vm = VirtualMachine(library, self.dev)
         self.input_names = input_names
         self.output_names = output_names
 

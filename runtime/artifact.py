@@ -66,10 +66,10 @@ class Artifact:
             return Half(half, "onnxruntime-cpu", inputs, outputs, runner, "ort")
         if not entry.get("library"):
             raise ArtifactError(f"{self.path}: {half} has no compiled library (built with --backend ort)")
-        from nasc.backends.targets import resolve_target
+        from nasc.backends.targets import Target
         from nasc.backends.tvm import Runner, load_library
 
-        target = resolve_target(entry["target"]["tvm"])
+        target = Target.from_manifest(entry["target"])
         if not target.runs_here():
             raise ArtifactError(
                 f"{self.path}: {half} is compiled for {entry['target']['name']} ({json.dumps(entry['target']['tvm'])}), "

@@ -106,7 +106,7 @@ def _spec(v) -> TensorSpec:
     return TensorSpec(v.name, shape, _ORT_DTYPES.get(v.type, "float32"))
 
 
-def half_runner(art: Artifact, half: str, engine: str, device: str):
+def half_runner(art: Artifact, half: str, engine: str, device: str | None):
     """One runner of an opened artifact's half: "compiled" is the artifact's own runtime (TVM
     when it has a library), "ort" runs the half's ONNX file with ONNX Runtime."""
     if half not in HALVES:
@@ -125,7 +125,7 @@ def wire_hash(artifact_dir: str | Path, engine: str) -> bytes:
     return base if engine == "compiled" else variant_hash(base, ORT_VARIANT)
 
 
-def load_half(artifact_dir: str | Path, half: str, engine: str = "compiled", device: str = "cpu"):
+def load_half(artifact_dir: str | Path, half: str, engine: str = "compiled", device: str | None = None):
     """(runner, manifest, hash) for one half, through the artifact API (hashes and target checked);
     the "ort" engine is served under a distinct wire hash."""
     art = open_artifact(artifact_dir)
@@ -133,7 +133,7 @@ def load_half(artifact_dir: str | Path, half: str, engine: str = "compiled", dev
 
 
 def load_endpoint(artifact_dir: str | Path, half: str = "tail", engine: str = "compiled",
-                  workers: int = 1, device: str = "cpu") -> Endpoint:
+                  workers: int = 1, device: str | None = None) -> Endpoint:
     """An endpoint serving one half of an artifact, with `workers` independent runners.
 
     The artifact is opened (every file hashed) once, however many runners it gets."""

@@ -30,11 +30,15 @@ def test_run_head_matches_original(served, tmp_path, capsys):
     model, out, handle = served
     x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "x.npz", input=x)
-    rc = run_head([str(out), "--server", f"127.0.0.1:{handle.port}", "--input", str(tmp_path / "x.npz"), "--json", "-q"])
+    rc = run_head([str(out), "--server", f"127.0.0.1:{handle.port}", "--input", str(tmp_path / "x.npz"),
+                   "--save", str(tmp_path / "y.npz"), "--json", "-q"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     ref = ort.run(model, {"input": x})["logits0"]
     assert result["outputs"]["logits0"]["argmax"] == int(ref.argmax())
+    saved = np.load(tmp_path / "y.npz")["logits0"]
+    assert saved.shape == ref.shape and saved.max() == result["outputs"]["logits0"]["max"]
+    assert np.abs(saved - ref).max() <= 0.1 * np.abs(ref).max()  # int8 at the cut
     assert result["stages"]["e2e_ms"] > 0 and result["stages"]["up_bytes"] > 0
 
 
@@ -42,3 +46,22 @@ def test_run_head_bad_server(served, capsys):
     _, out, _ = served
     assert run_head([str(out), "--server", "nonsense"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_device_runs_with_only_the_tvm_runtime(served, tmp_path):
+    """A device needs libtvm_runtime alone: the head runs with TVM_USE_RUNTIME_LIB=1, no compiler loaded."""
+    import os
+    import subprocess
+    import sys
+
+    model, out, handle = served
+    x = np.random.default_rng(4).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", input=x)
+    probe = ("import sys, tvm.base; from nasc.cli.run_head import main; rc = main(sys.argv[1:]); "
+             "assert tvm.base._RUNTIME_ONLY and 'tvm.relax' not in sys.modules; raise SystemExit(rc)")
+    r = subprocess.run([sys.executable, "-c", probe, str(out), "--server", f"127.0.0.1:{handle.port}",
+                        "--input", str(tmp_path / "x.npz"), "--json", "-q"],
+                       env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["outputs"]["logits0"]["argmax"] == int(ort.run(model, {"input": x})["logits0"].argmax())

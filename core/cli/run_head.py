@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="OUT", help="artifact directory made by nasc-compile (only its head is loaded)")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="a running nasc-serve for the same artifact")
     p.add_argument("--input", metavar="NPZ", help="inputs keyed by name (default: one seeded random-normal sample)")
+    p.add_argument("--save", metavar="NPZ", help="also write the model's outputs here, keyed by output name")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -61,6 +62,8 @@ def _run(args, out) -> int:
         outputs, times = device.infer(_feeds(args, manifest))
     finally:
         device.client.close()
+    if args.save:
+        _save(args.save, outputs)
     summary = {name: {"shape": list(v.shape), "argmax": int(np.argmax(v)), "max": float(np.max(v))} for name, v in outputs.items()}
     stages = times.to_json()
     for name, s in summary.items():
@@ -69,6 +72,15 @@ def _run(args, out) -> int:
     if args.json:
         stdout_write(json.dumps({"outputs": summary, "stages": stages}, indent=2))
     return 0
+
+
+def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
+    """Write the outputs atomically: a reader never sees half a file."""
+    import os
+
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **outputs)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
