@@ -118,7 +118,11 @@ def fatbin_packer(arch: str):
             fatbin = nvcc_fatbin("\n".join(sources), arch, Path(tmp))
         symbol, blob = _blob_from_c(_ffi_api.ModulePackImportsToC(module, is_system_lib, prefix))
         blob_path = Path(workspace_dir) / f"{prefix}devc.bin"
-        blob_path.write_bytes(replace_cuda_source(blob, fatbin))
+        try:
+            blob = replace_cuda_source(blob, fatbin)
+        except ValueError:
+            pass  # TVM already built the kernels (PTX or cubin: it does when a GPU toolchain is set up)
+        blob_path.write_bytes(blob)
         path = os.path.join(workspace_dir, f"{prefix}devc.S")
         with open(path, "w") as f:
             f.write(_blob_asm(symbol, blob_path.resolve()))

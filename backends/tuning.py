@@ -36,7 +36,11 @@ COST_MODEL = "xgb"
 # 2 cores, which dwarfs the measurement when only a few trials per kernel are wanted.
 POPULATION_PER_TRIAL = 16
 POPULATION_MIN, POPULATION_MAX = 64, 512
-LAST_PASS_BEFORE_SCHEDULING = "fuse-tir"  # tuning tasks and the database see the fused PrimFuncs
+LAST_PASS_BEFORE_SCHEDULING = "fuse-tir"
+# MetaSchedule's CUDA rules read these per-block limits from the target; they hold for every
+# NVIDIA GPU since sm_50 (the compile target leaves them to TVM's defaults).
+CUDA_BLOCK_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 48 * 1024,
+                     "registers_per_block": 65536, "thread_warp_size": 32}  # tuning tasks and the database see the fused PrimFuncs
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -201,12 +205,15 @@ def fast_tensor_intrinsics() -> None:
 
 
 def tuning_target(target: Target, num_cores: int | None = None):
-    """The TVM target MetaSchedule tunes for: the compile target plus the core count it needs."""
+    """The TVM target MetaSchedule tunes for: the compile target plus what its rules need
+    (the core count on CPUs, the per-block limits on CUDA)."""
     import tvm
 
     spec = dict(target.spec)
     if target.kind == "llvm" and "num-cores" not in spec:
         spec["num-cores"] = num_cores or _physical_cores()
+    if target.kind == "cuda":
+        spec = {**CUDA_BLOCK_LIMITS, **spec}
     return tvm.target.Target(spec)
 
 
@@ -307,15 +314,20 @@ def _prepare_build_worker() -> None:
     fast_tensor_intrinsics()
 
 
-def _build_one(mod, target, cross_cc: str | None) -> str:
-    """Build one candidate in a worker and export it to a temporary .so; returns its path."""
+def _build_one(mod, target, cross_cc: str | None, cuda_arch: str | None) -> str:
+    """Build one candidate in a worker and export it to a temporary .so; returns its path.
+    CUDA kernels are packed as an nvcc fatbin, exactly as compiled libraries ship them."""
     import tempfile
 
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
     rt_mod = default_build(mod, target, None)
     path = os.path.join(tempfile.mkdtemp(prefix="nasc-tune-"), "kernel.so")
-    if cross_cc:
+    if cuda_arch:
+        from nasc.backends.cuda import fatbin_packer
+
+        rt_mod.export_library(path, fpack_imports=fatbin_packer(cuda_arch))
+    elif cross_cc:
         import tvm.support
 
         rt_mod.export_library(path, fcompile=tvm.support.cc.cross_compiler(cross_cc))
@@ -324,7 +336,7 @@ def _build_one(mod, target, cross_cc: str | None) -> str:
     return path
 
 
-def _make_builder(max_workers: int, cross_cc: str | None):
+def _make_builder(max_workers: int, cross_cc: str | None, cuda_arch: str | None = None):
     """A MetaSchedule builder whose worker processes live across batches.
 
     TVM's LocalBuilder starts fresh workers for every batch, and each pays the TVM import plus
@@ -344,7 +356,7 @@ def _make_builder(max_workers: int, cross_cc: str | None):
 
         def build(self, build_inputs):
             out = []
-            for r in self.pool.map_with_error_catching(lambda b: _build_one(b.mod, b.target, cross_cc), build_inputs):
+            for r in self.pool.map_with_error_catching(lambda b: _build_one(b.mod, b.target, cross_cc, cuda_arch), build_inputs):
                 if r.status == StatusKind.COMPLETE:
                     out.append(BuilderResult(r.value, None))
                 elif r.status == StatusKind.TIMEOUT:
@@ -480,7 +492,7 @@ def tune(
         ttarget = tuning_target(target, num_cores)
         cross_cc = target.cross_compiler
         runner = _make_runner(target, rpc)
-        builder = _make_builder(_physical_cores(), cross_cc)
+        builder = _make_builder(_physical_cores(), cross_cc, target.spec.get("arch") if target.kind == "cuda" else None)
         unseeded = [i for i in todo if "default_s" not in index[keys[i]]]
         if unseeded:
             if progress:
