@@ -114,7 +114,8 @@ class MeasuredLatencyModel:
     Each fused kernel costs its measured time when the profile has its signature, the
     profile's fitted predictor otherwise, and the analytic roofline when the profile has no
     predictor; a side without a profile is analytic. A cut through a fused kernel leaves a
-    kernel on each side: each part is priced on its own. `source` says how each side was priced.
+    kernel on each side: each part is priced on its own, the part keeping the anchor as the
+    whole measured kernel when the part itself was not measured. `source` says how each side was priced.
     """
 
     def __init__(self, fallback: AnalyticLatencyModel, device=None, server=None):
@@ -129,6 +130,7 @@ class MeasuredLatencyModel:
         self.profiles = {DEVICE: as_profile(device), SERVER: as_profile(server)}
         self.coverage: dict[str, dict[str, int]] = {}
         self._keyed: tuple[Analysis, str] | None = None
+        self._grouped: tuple[Analysis, dict] | None = None
 
     @property
     def source(self) -> str:
@@ -161,6 +163,8 @@ class MeasuredLatencyModel:
         for k, sig in enumerate(signatures):
             if sig in prof.kernels:
                 ms[k], how[k] = prof.kernels[sig], MEASURED
+            elif (whole := self._anchor_kernel_ms(a, prof, parts[k])) is not None:
+                ms[k], how[k] = whole, MEASURED
             elif prof.predictor is not None:
                 how[k] = PREDICTED
         unknown = [k for k, h in enumerate(how) if h == PREDICTED]
@@ -171,6 +175,17 @@ class MeasuredLatencyModel:
             base = self.fallback.node_ms(a, side)
             ms[rest] = [base[list(parts[k])].sum() for k in rest]
         return ms, how
+
+    def _anchor_kernel_ms(self, a: Analysis, prof, part: tuple[int, ...]) -> float | None:
+        """A cut part that keeps its kernel's anchor costs the whole measured kernel (the epilogue
+        it drops is elementwise, fused for free); None if the part lacks the anchor or the kernel
+        was not measured."""
+        if self._grouped is None or self._grouped[0] is not a:
+            from nasc.backends.profile import kernel_groups
+
+            self._grouped = (a, {i: g for g in kernel_groups(a) for i in g.nodes})
+        g = self._grouped[1].get(part[0])
+        return prof.kernels.get(g.signature) if g is not None and part[0] == g.anchor() else None
 
     def _groups(self, a: Analysis, side: str):
         from nasc.backends.profile import kernel_groups
