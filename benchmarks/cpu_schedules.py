@@ -185,13 +185,17 @@ def measure(name: str, model: onnx.ModelProto, with_default: bool, repeats: int)
                round(statistics.median(samples["nasc"]), 3), err, round(compile_s, 1))
 
 
-def _write_json(rows: list[Row], path: Path) -> None:
+def write_json(path: Path, doc) -> None:
+    """Write a results file atomically: an interrupted run leaves the previous results whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"threads": THREADS, "cpu": tvm.target.codegen.llvm_get_system_cpu(),
-               "image_px": IMAGE_PX, "rows": [asdict(r) for r in rows]}
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(doc, f, indent=2)
     Path(f.name).replace(path)
+
+
+def _write_json(rows: list[Row], path: Path) -> None:
+    write_json(path, {"threads": THREADS, "cpu": tvm.target.codegen.llvm_get_system_cpu(),
+                      "image_px": IMAGE_PX, "rows": [asdict(r) for r in rows]})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ THREADS = 2
 os.environ["TVM_NUM_THREADS"] = str(THREADS)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,7 +33,7 @@ from nasc.partitioner import DEVICE_ONLY, SPLIT  # noqa: E402
 from nasc.passes import split_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_schedules import IMAGE_PX, MODELS, paired_ratio, sample_ms  # noqa: E402
+from cpu_schedules import IMAGE_PX, MODELS, paired_ratio, sample_ms, write_json  # noqa: E402
 
 BUDGET_S = 600.0              # tuning time per model; the goal allows 20 minutes
 TRIALS_PER_KERNEL = 64        # more than the budget reaches: the budget ends each run
@@ -129,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               f"kernel sum {r['kernel_sum_default_ms']:.2f} -> {r['kernel_sum_tuned_ms']:.2f} ms", flush=True)
     out = {"target": target.spec, "host_cpu": tuning.host_cpu_model(), "threads": THREADS, "image_px": IMAGE_PX,
            "ratio": "ORT_ms / nasc_ms, median of back-to-back pairs", "models": results}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, args.output)
+    write_json(args.output, out)
     print(f"wrote {args.output}")
     return 0
 

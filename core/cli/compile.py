@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=f"example:{defaults_example()}",
-                   help="ONNX file, or example:NAME for a bundled model (default: example:%(default)s)".replace("example:example:", "example:"))
+                   help="ONNX file, or example:NAME for a bundled model (default: %(default)s)")
     p.add_argument("-o", "--output", metavar="OUT", help="artifact directory (written atomically)")
     p.add_argument("--split", default="auto", help="auto | annotated | device-only | server-only | cut index | tensor names t1,t2")
     p.add_argument("--compress", default="none", choices=["none", "int8"], help="quantized bottleneck at the cut")
