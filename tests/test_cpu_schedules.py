@@ -220,6 +220,21 @@ def test_pooling_matches_ort(pool):
     _assert_matches_ort(model)
 
 
+def test_pooling_in_a_narrow_block_runs_short_vectors():
+    """12 channels give the model a 4-channel block, narrower than the host's vector: the pool
+    (and its average) still vectorise that block as a short vector, and match ORT."""
+    rng = np.random.default_rng(SEED)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["c"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    model = _model(nodes, {"x": [1, 8, 14, 14]}, "y", [_const(rng, "w", (12, 8, 3, 3), 0.3)])
+    _assert_matches_ort(model)
+    (pool,) = [f for g, f in _scheduled_module(model).functions_items() if "pool" in g.name_hint]
+    text = pool.script()
+    assert "T.int64(14), T.int64(14), T.int64(4)" in text, "the pool runs in the 4-channel block"
+    if cs.cpu_vector_spec(HOST).lanes > 4:
+        assert text.count("T.vectorized(T.int64(4))") >= 2, "pool sum and average both vectorised"
+
+
 def test_unrecognised_ops_fall_back_correctly():
     nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1),
              helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),

@@ -22,6 +22,9 @@ MIN_PARALLEL_EXTENT = 2
 # Parallel chunks wanted from an elementwise/pooling loop nest: a few per thread balances load
 # without fusing every loop (whose index div/mod would then run per element).
 PARALLEL_CHUNKS = 64
+# A channel block narrower than the vector (NCHW4c under AVX-512) is still vectorised on its
+# own, as a short vector, when it has at least this many float32 lanes (one 128-bit register).
+MIN_SHORT_VECTOR = 4
 # A primitive that does not apply raises ScheduleError (a RuntimeError); internal checks raise
 # other RuntimeErrors; symbolic extents surface as TypeError in the tile arithmetic. Either
 # way the rule declines and the next one gets the PrimFunc.
@@ -291,6 +294,11 @@ def _parallel_outer(sch: s_tir.Schedule, loops: list):
     return _parallel(sch, loops[:max(count, 1)])
 
 
+def _short_vector(extent: int | None, spec: CpuVectorSpec) -> bool:
+    """A loop narrower than the vector that still fills one short vector (a narrow channel block)."""
+    return extent is not None and MIN_SHORT_VECTOR <= extent < spec.lanes and spec.lanes % extent == 0
+
+
 def _schedule_spatial(sch: s_tir.Schedule, block, spec: CpuVectorSpec) -> None:
     loops = sch.get_loops(block)
     if not loops or any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
@@ -300,11 +308,14 @@ def _schedule_spatial(sch: s_tir.Schedule, block, spec: CpuVectorSpec) -> None:
         return
     inner = _extent(sch, loops[-1])
     outer = list(loops)
-    if inner is not None and inner % spec.lanes == 0 and _contiguous_in_all_buffers(
-            sch, block, len(loops) - 1):
+    contiguous = _contiguous_in_all_buffers(sch, block, len(loops) - 1)
+    if inner is not None and inner % spec.lanes == 0 and contiguous:
         rest, vec = sch.split(loops[-1], [None, spec.lanes])
         sch.vectorize(vec)
         outer = list(loops[:-1]) + [rest]
+    elif _short_vector(inner, spec) and contiguous and len(loops) > 1:
+        sch.vectorize(loops[-1])
+        outer = list(loops[:-1])
     _parallel_outer(sch, outer)
 
 
@@ -330,8 +341,8 @@ def _schedule_reduction(sch: s_tir.Schedule, block, spec: CpuVectorSpec) -> None
     n_spatial = kinds.index("R")
     spatial, reduce = loops[:n_spatial], loops[n_spatial:]
     inner = _extent(sch, spatial[-1])
-    vectorizable = (inner is not None and inner % spec.lanes == 0 and len(spatial) > 1
-                    and _contiguous_in_all_buffers(sch, block, n_spatial - 1))
+    vectorizable = (inner is not None and (inner % spec.lanes == 0 or _short_vector(inner, spec))
+                    and len(spatial) > 1 and _contiguous_in_all_buffers(sch, block, n_spatial - 1))
     if vectorizable:
         sch.reorder(*spatial[:-1], *reduce, spatial[-1])
         sch.vectorize(spatial[-1])
