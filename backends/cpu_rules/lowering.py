@@ -296,5 +296,7 @@ def lowering_passes(channel_block: int, matmul_panel: int) -> list[tvm.transform
     """Relax passes, before LegalizeOps: NCHW{c}c convs (c from `conv_block`), packed matmul weights."""
     # FoldConstant first turns Gemm's transposed weight into a plain constant the matmul
     # lowering can pack.
+    # ConvertLayout gives each reader of a tensor its own layout_transform; CSE keeps one per
+    # tensor and layout (a stem read by four branches was transformed four times).
     return [relax.transform.FoldConstant(), _RecoverScalarMinMax(),
-            _ConvertConvLayout(channel_block), _LowerCpuOps(matmul_panel)]
+            _ConvertConvLayout(channel_block), relax.transform.EliminateCommonSubexpr(), _LowerCpuOps(matmul_panel)]
