@@ -36,11 +36,11 @@ COST_MODEL = "xgb"
 # 2 cores, which dwarfs the measurement when only a few trials per kernel are wanted.
 POPULATION_PER_TRIAL = 16
 POPULATION_MIN, POPULATION_MAX = 64, 512
-LAST_PASS_BEFORE_SCHEDULING = "fuse-tir"
+LAST_PASS_BEFORE_SCHEDULING = "fuse-tir"  # tuning tasks and the database see the fused PrimFuncs
 # MetaSchedule's CUDA rules read these per-block limits from the target; they hold for every
 # NVIDIA GPU since sm_50 (the compile target leaves them to TVM's defaults).
 CUDA_BLOCK_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 48 * 1024,
-                     "registers_per_block": 65536, "thread_warp_size": 32}  # tuning tasks and the database see the fused PrimFuncs
+                     "registers_per_block": 65536, "thread_warp_size": 32}
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"

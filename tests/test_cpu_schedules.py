@@ -152,6 +152,27 @@ def test_concat_of_blocked_and_unblockable_channels_compiles():
     assert not any("conv2d_nchwc" in g.name_hint for g, _ in _scheduled_module(model).functions_items())
 
 
+@pytest.mark.parametrize("joined", [False, True])
+def test_unblockable_conv_after_blocked_ones_compiles(joined):
+    """A conv no block can hold (6 output channels) reading blocked channels, straight from a
+    conv or from a concat of blocked branches (DenseNet's transition layers): it runs plain, with
+    its input transformed back, and matches ORT."""
+    rng = np.random.default_rng(SEED)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3], pads=[1] * 4)]
+    inits = [_const(rng, "w", (8, 8, 3, 3), 0.2)]
+    mid = "a"
+    if joined:
+        nodes += [helper.make_node("Conv", ["x", "wb"], ["b"], kernel_shape=[1, 1]),
+                  helper.make_node("Concat", ["a", "b"], ["cat"], axis=1)]
+        inits.append(_const(rng, "wb", (8, 8, 1, 1), 0.2))
+        mid = "cat"
+    nodes.append(helper.make_node("Conv", [mid, "w2"], ["y"], kernel_shape=[1, 1]))
+    inits.append(_const(rng, "w2", (6, 16 if joined else 8, 1, 1), 0.2))
+    model = _model(nodes, {"x": [1, 8, 8, 8]}, "y", inits)
+    _assert_matches_ort(model)
+    assert any("conv2d_nchwc" in g.name_hint for g, _ in _scheduled_module(model).functions_items())
+
+
 @pytest.mark.parametrize("channels", [[16, 24, 32, 64], [3, 24, 40], [12, 20, 36]])
 def test_convs_of_mixed_channel_counts_share_one_block(channels):
     """Channel counts one block width cannot all take still compile (one narrower block for the

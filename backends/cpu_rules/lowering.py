@@ -285,8 +285,12 @@ class _ConvertConvLayout:
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
                 return {}
             shapes = _conv_shapes(call)
-            if shapes is None or not block_fits(block, shapes):
+            if shapes is None:
                 return {}
+            if not block_fits(block, shapes):
+                # asked for explicitly: left to infer its layout from a blocked input (a concat of
+                # blocked branches, say), ConvertLayout fails on a conv the block cannot hold
+                return {"relax.nn.conv2d": ["NCHW", "OIHW"]}
             return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o"]}
 
         return relax.transform.ConvertLayout({}, layouts)(mod)
