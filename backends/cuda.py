@@ -4,7 +4,8 @@ TVM's CUDA codegen leaves CUDA C source in the module and compiles it when the s
 loads the library. nasc instead runs nvcc here (cross-compiling for the target's sm_XX,
 plus PTX for newer GPUs) and packs the fatbin into the exported library in place of the
 source, through export_library's `fpack_imports` hook: the patched blob is linked in with
-an assembler `.incbin`, not as a C array (the blob holds the weights too).
+an assembler `.incbin`, not as a C array (the blob holds the weights too). Where TVM built
+the kernels itself (PTX or cubin, on a host with a GPU toolchain), they are kept.
 
 The packed-imports blob is a u64 total length, the import tree, then one entry per module:
 a length-prefixed key and a length-prefixed body. A "cuda" body is three fields:
@@ -50,6 +51,18 @@ def nvcc_fatbin(source: str, arch: str, workdir: Path) -> bytes:
 
 def _string(b: bytes) -> bytes:
     return _U64.pack(len(b)) + b
+
+
+def has_cuda_source(blob: bytes) -> bool:
+    """Whether the packed-imports blob holds a CUDA module still in source form."""
+    key = _string(SOURCE_FORMAT)
+    pos = 0
+    while (i := blob.find(key, pos)) >= 0:
+        body_at = i + len(key)
+        if blob[body_at + 8: body_at + 8 + len(key)] == key:  # the module key, then a body of format "cuda"
+            return True
+        pos = i + 1
+    return False
 
 
 def replace_cuda_source(blob: bytes, fatbin: bytes) -> bytes:
@@ -113,15 +126,13 @@ def fatbin_packer(arch: str):
     def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
         from tvm.runtime import _ffi_api
 
-        sources = [m.inspect_source() for m in _cuda_modules(module)]
-        with tempfile.TemporaryDirectory() as tmp:
-            fatbin = nvcc_fatbin("\n".join(sources), arch, Path(tmp))
         symbol, blob = _blob_from_c(_ffi_api.ModulePackImportsToC(module, is_system_lib, prefix))
+        # where a GPU toolchain is set up TVM builds the kernels itself (PTX or cubin): kept as they are
+        if has_cuda_source(blob):
+            sources = [m.inspect_source() for m in _cuda_modules(module)]
+            with tempfile.TemporaryDirectory() as tmp:
+                blob = replace_cuda_source(blob, nvcc_fatbin("\n".join(sources), arch, Path(tmp)))
         blob_path = Path(workspace_dir) / f"{prefix}devc.bin"
-        try:
-            blob = replace_cuda_source(blob, fatbin)
-        except ValueError:
-            pass  # TVM already built the kernels (PTX or cubin: it does when a GPU toolchain is set up)
         blob_path.write_bytes(blob)
         path = os.path.join(workspace_dir, f"{prefix}devc.S")
         with open(path, "w") as f:

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from nasc.backends.cuda import _U64, _blob_asm, _blob_from_c, _string, replace_cuda_source
+from nasc.backends.cuda import _U64, _blob_asm, _blob_from_c, _string, has_cuda_source, replace_cuda_source
 
 
 def blob(modules):
@@ -35,6 +35,15 @@ def test_replace_cuda_source_swaps_format_and_data_only():
     assert body.endswith(_string(b"FATBIN-BYTES"))
     assert _string(b"k0") in body  # the function map survives
     assert out.startswith(_U64.pack(total)) and b"\x01\x02\x03" in out
+
+
+def test_only_cuda_source_is_rebuilt():
+    """Kernels TVM already built (PTX, as on a host with a GPU toolchain) are left as they are."""
+    src = b"extern \"C\" __global__ void k0() {}"
+    assert has_cuda_source(blob([(b"relax.VMExecutable", b"\x01"), (b"cuda", cuda_body(src))]))
+    ptx = cuda_body(b".version 8.0").replace(_string(b"cuda"), _string(b"ptx"), 1)
+    assert not has_cuda_source(blob([(b"relax.VMExecutable", b"\x01"), (b"cuda", ptx)]))
+    assert not has_cuda_source(blob([(b"llvm", b"cuda")]))
 
 
 def test_blob_without_cuda_is_an_error():
