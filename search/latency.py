@@ -129,8 +129,7 @@ class MeasuredLatencyModel:
         self.fallback = fallback
         self.profiles = {DEVICE: as_profile(device), SERVER: as_profile(server)}
         self.coverage: dict[str, dict[str, int]] = {}
-        self._keyed: tuple[Analysis, str] | None = None
-        self._grouped: tuple[Analysis, dict] | None = None
+        self._seen: tuple[Analysis, dict] | None = None   # what was derived from the last analysis priced
 
     @property
     def source(self) -> str:
@@ -180,17 +179,21 @@ class MeasuredLatencyModel:
         """A cut part that keeps its kernel's anchor costs the whole measured kernel (the epilogue
         it drops is elementwise, fused for free); None if the part lacks the anchor or the kernel
         was not measured."""
-        if self._grouped is None or self._grouped[0] is not a:
-            from nasc.backends.profile import kernel_groups
-
-            self._grouped = (a, {i: g for g in kernel_groups(a) for i in g.nodes})
-        g = self._grouped[1].get(part[0])
+        g = self._derived(a)["group_of"].get(part[0])
         return prof.kernels.get(g.signature) if g is not None and part[0] == g.anchor() else None
 
-    def _groups(self, a: Analysis, side: str):
-        from nasc.backends.profile import kernel_groups
+    def _derived(self, a: Analysis) -> dict:
+        """What is derived from the analysis being priced (its kernel groups, node -> group, and,
+        once asked for, its model key), computed once per analysis."""
+        if self._seen is None or self._seen[0] is not a:
+            from nasc.backends.profile import kernel_groups
 
-        groups = kernel_groups(a)
+            groups = kernel_groups(a)
+            self._seen = (a, {"groups": groups, "group_of": {i: g for g in groups for i in g.nodes}})
+        return self._seen[1]
+
+    def _groups(self, a: Analysis, side: str):
+        groups = self._derived(a)["groups"]
         ms, how = self._parts_ms(a, side, [g.nodes for g in groups], [g.signature for g in groups])
         self.coverage[side] = {k: how.count(k) for k in (MEASURED, PREDICTED, ANALYTIC)}
         return groups, ms
@@ -220,13 +223,14 @@ class MeasuredLatencyModel:
             return None
         from nasc.backends.context import model_key
 
-        if self._keyed is None or self._keyed[0] is not a:
-            self._keyed = (a, model_key(a.model))
-        doc = contexts.get(self._keyed[1])
+        derived = self._derived(a)
+        if "model_key" not in derived:
+            derived["model_key"] = model_key(a.model)
+        doc = contexts.get(derived["model_key"])
         if doc is None:
             return None
         self.coverage[side] = {MEASURED_IN_CONTEXT: len(doc["kernels"])}
-        return ContextTimes(doc, a)
+        return ContextTimes(doc, a, derived["groups"])
 
     def _kernel_sum_ms(self, a: Analysis, masks: np.ndarray, side: str) -> np.ndarray:
         """Halves composed like measured ones (ContextTimes) from a planned record of the kernels."""
