@@ -42,6 +42,16 @@ def test_run_head_matches_original(served, tmp_path, capsys):
     assert result["stages"]["e2e_ms"] > 0 and result["stages"]["up_bytes"] > 0
 
 
+def test_run_head_save_to_a_missing_folder_is_refused(served, tmp_path, capsys):
+    _, out, handle = served
+    target = tmp_path / "no-such-dir" / "y.npz"
+    rc = run_head([str(out), "--server", f"127.0.0.1:{handle.port}", "--save", str(target)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--save" in err and "no-such-dir" in err and "does not exist" in err
+    assert not target.parent.exists()
+
+
 def test_run_head_bad_server(served, capsys):
     _, out, _ = served
     assert run_head([str(out), "--server", "nonsense"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 
@@ -54,6 +55,8 @@ def _run(args, out) -> int:
     host, _, port = args.server.rpartition(":")
     if not host or not port.isdigit():
         raise NascError(f"--server '{args.server}': expected HOST:PORT")
+    if args.save and not os.path.isdir(os.path.dirname(os.path.abspath(args.save))):
+        raise NascError(f"--save {args.save}: folder {os.path.dirname(os.path.abspath(args.save))} does not exist")
     manifest = open_artifact(args.artifact).manifest
     if manifest.get("tail") is None:
         raise NascError(f"{args.artifact}: device-only split; there is nothing to send to a server")
@@ -75,12 +78,15 @@ def _run(args, out) -> int:
 
 
 def _save(path: str, outputs: dict[str, np.ndarray]) -> None:
-    """Write the outputs atomically: a reader never sees half a file."""
-    import os
-
+    """Write the outputs atomically: a reader never sees half a file, a failed write leaves none."""
     tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **outputs)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **outputs)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise NascError(f"--save {path}: cannot write ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":
