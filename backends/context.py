@@ -39,9 +39,12 @@ def _blocked_to_plain(x: np.ndarray) -> np.ndarray:
 
 
 class _TensorIndex:
-    """ONNX Runtime values of every activation of the model, looked up by value."""
+    """ONNX Runtime values of every activation of the model, looked up by value.
 
-    def __init__(self, a: Analysis, feeds: dict[str, np.ndarray]):
+    A tensor the CPU pipeline widened (`layouts`, see passes.pad_channels) is also looked up at
+    its padded shape, by its real channels."""
+
+    def __init__(self, a: Analysis, feeds: dict[str, np.ndarray], layouts: dict | None = None):
         from nasc.backends import ort
 
         m = ModelProto()
@@ -53,17 +56,22 @@ class _TensorIndex:
         values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         values.update(feeds)
         order = {t: i for i, t in enumerate(list(feeds) + [o for n in a.nodes for o in n.output])}
-        self.by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+        self.by_shape: dict[tuple, list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
+        layouts = layouts or {}
         for name in sorted(values, key=lambda t: order.get(t, len(order))):
             v = np.asarray(values[name])
-            self.by_shape.setdefault(v.shape, []).append((name, v))
+            self.by_shape.setdefault(v.shape, []).append((name, v, None))
+            if name in layouts:
+                padded, real = layouts[name]
+                self.by_shape.setdefault((v.shape[0], padded, *v.shape[2:]), []).append((name, v, real))
 
     def match(self, x: np.ndarray) -> str | None:
         """The first ONNX tensor (in execution order) that `x` equals, in plain or NCHWc layout."""
         views = [x] + ([_blocked_to_plain(x)] if x.ndim == 5 else [])
         for v in views:
-            for name, ref in self.by_shape.get(v.shape, []):
-                if ref.dtype == v.dtype and np.allclose(v, ref, rtol=MATCH_RTOL,
+            for name, ref, real in self.by_shape.get(v.shape, []):
+                got = v if real is None else v[:, real]
+                if ref.dtype == got.dtype and np.allclose(got, ref, rtol=MATCH_RTOL,
                                                         atol=MATCH_ATOL_REL * (float(np.abs(ref).max()) + 1e-12)):
                     return name
         return None
@@ -137,7 +145,7 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     vm = relax.VirtualMachine(ex, dev)
     feeds = sample_inputs(a.model, 1)[0]
     args = [tvm.runtime.tensor(x, dev) for x in feeds.values()]
-    index = _TensorIndex(a, feeds)
+    index = _TensorIndex(a, feeds, tvm_backend.target_layouts(a.model, target))
     if log:
         log(f"attributing the kernels of {len(a.nodes)} nodes")
 

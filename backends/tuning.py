@@ -228,9 +228,9 @@ def _physical_cores() -> int:
 
 def fused_module(model: ModelProto, target: Target, where: str = "model"):
     """The Relax module after legalisation and fusion: exactly what the compile pipeline schedules."""
-    from nasc.backends.tvm import import_onnx, pipeline
+    from nasc.backends.tvm import import_for_target, pipeline
 
-    mod = import_onnx(model, where)
+    mod = import_for_target(model, target, where)
     with target.tvm():
         for name, p in pipeline(target):
             mod = p(mod)

@@ -48,6 +48,37 @@ def import_onnx(model: ModelProto, where: str = "model"):
         raise UnsupportedOpError(f"{where}: TVM cannot import the model: {str(e).splitlines()[-1][:300]}") from None
 
 
+def target_graph(model: ModelProto, target: Target, log: Callable[[str], None] | None = None) -> ModelProto:
+    """The ONNX graph compiled for `target`: on a CPU, conv channels padded to the block they run
+    fastest in (see backends.cpu_schedules.pad_for_cpu); the same outputs, in the same layout."""
+    if target.kind == "cuda":
+        return model
+    from nasc.backends.cpu_schedules import pad_for_cpu
+
+    padded, block = pad_for_cpu(model, target.tvm())
+    if block and log:
+        log(f"pad-channels-{block}")
+    return padded
+
+
+def target_layouts(model: ModelProto, target: Target) -> dict:
+    """The tensors of `model` that `target_graph` widens: for each, (padded channel count, the
+    padded index of each real channel); see passes.pad_channels.channel_layouts."""
+    if target.kind == "cuda":
+        return {}
+    from nasc.backends.cpu_schedules import cpu_vector_spec, padding_block
+    from nasc.passes.pad_channels import channel_layouts
+
+    block = padding_block(model, cpu_vector_spec(target.tvm()).channel_block)
+    return channel_layouts(model, block) if block else {}
+
+
+def import_for_target(model: ModelProto, target: Target, where: str = "model",
+                      log: Callable[[str], None] | None = None):
+    """`import_onnx` of `target_graph`: the Relax module the target's pipeline starts from."""
+    return import_onnx(target_graph(model, target, log), where)
+
+
 def default_schedule_rules(target: Target) -> list:
     """The dlight-style rules, in priority order, that schedule every kernel no tuning record covers.
 
@@ -122,7 +153,7 @@ def compile_model(model: ModelProto, target: Target, where: str = "model", log: 
 
     import tvm
 
-    mod = import_onnx(model, where)
+    mod = import_for_target(model, target, where, log)
     t = target.tvm()
     with t:  # the database pass reads the current target when it is made
         steps = pipeline(target) if database is None else with_tuning_database(pipeline(target))

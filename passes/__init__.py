@@ -5,6 +5,7 @@ PREPARE is the pipeline every model goes through before cuts are enumerated.
 
 from nasc.passes.dce import eliminate_dead_nodes
 from nasc.passes.fold import fold_batchnorm, fold_constants
+from nasc.passes.pad_channels import channel_layouts, pad_channels
 from nasc.passes.quantize import QuantParams, dequantize_tail, quant_params, quantize_head
 from nasc.passes.split import extract_head, extract_tail, split_model
 
@@ -25,6 +26,7 @@ def prepare(model, log=None):
 
 
 __all__ = [
-    "PREPARE", "QuantParams", "dequantize_tail", "eliminate_dead_nodes", "extract_head", "extract_tail",
-    "fold_batchnorm", "fold_constants", "prepare", "quant_params", "quantize_head", "split_model",
+    "PREPARE", "QuantParams", "channel_layouts", "dequantize_tail", "eliminate_dead_nodes", "extract_head",
+    "extract_tail", "fold_batchnorm", "fold_constants", "pad_channels", "prepare", "quant_params", "quantize_head",
+    "split_model",
 ]

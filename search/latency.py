@@ -262,37 +262,29 @@ class MeasuredLatencyModel:
         return total
 
 
-def _conv_channels(a: Analysis, node, out: str | None = None) -> tuple[int, int, int]:
-    """(in channels, out channels, groups) of an NCHW node; 0 for a channel count it lacks."""
-    from nasc.partitioner.analysis import _attr
-
-    out = out or node.output[0]
-    shape_in = a.specs[node.input[0]].shape if node.input[0] in a.specs else ()
-    shape_out = a.specs[out].shape if out in a.specs else ()
-    return (shape_in[1] if len(shape_in) == 4 else 0, shape_out[1] if len(shape_out) == 4 else 0,
-            int(_attr(node, "group", 1)))
-
-
 def planned_record(a: Analysis, groups, kernel_ms: np.ndarray, channel_block: int | None, layout_ms) -> dict:
     """The record backends/context.py would measure, planned instead: each kernel at its predicted
     time, layouts as the CPU layout pass chooses them (backends.cpu_schedules.runs_blocked), a
     transform wherever a kernel reads a tensor in the other layout, priced by `layout_ms(bytes)`."""
-    from nasc.backends.cpu_schedules import conv_block, runs_blocked
+    from nasc.backends.cpu_schedules import conv_channels, model_conv_block, padding_block, runs_blocked
+    from nasc.partitioner.analysis import analyze
     from nasc.partitioner.load import node_inputs
+    from nasc.passes.pad_channels import pad_channels
 
+    # the layout pass sees the graph the CPU pipeline compiles: conv channels padded to the block
+    widened = a
+    if channel_block and (block := padding_block(a.model, channel_block)):
+        widened = analyze(pad_channels(a.model, block))
+    widened_node = {n.name: n for n in widened.nodes}
     blocked = {x: False for x in a.inputs}
     kernels, transforms = [], []
-    # channel counts of tensors joined or cut along channels bind the block (see conv_block)
-    fixed = [a.specs[x].shape[1] for n in a.nodes if n.op_type in ("Concat", "Split", "Slice")
-             for x in [*n.input, *n.output] if x in a.specs and len(a.specs[x].shape) == 4]
-    model_block = conv_block([_conv_channels(a, n) for n in a.nodes if n.op_type == "Conv"], channel_block,
-                             fixed) if channel_block else None
+    model_block = model_conv_block(widened, channel_block)
     for g, ms in zip(groups, kernel_ms):
         anchor = a.nodes[g.nodes[0]]
         produced = [o for i in g.nodes for o in a.nodes[i].output]
         ins = list(dict.fromkeys(x for i in g.nodes for x in node_inputs(a.nodes[i]) if x in a.specs and x not in produced))
         out = next((o for o in reversed(produced) if o in a.specs), produced[-1])
-        cin, cout, group = _conv_channels(a, anchor, out)
+        cin, cout, group = conv_channels(widened, widened_node.get(anchor.name, anchor), out)
         want = runs_blocked(anchor.op_type, cin, cout, group, [blocked.get(x, False) for x in ins], model_block)
         for x in ins:
             if blocked.get(x, False) != want:
