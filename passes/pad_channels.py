@@ -4,10 +4,12 @@ A CPU conv runs in NCHW{c}c only when c divides its channel counts, so a model w
 24-channel convs runs all its convs in a narrow block (or plain). `pad_channels` widens each
 dense conv's output to a multiple of the block with zero filters. A widened tensor has a
 *layout*: the padded index of each real channel (concatenating widened tensors interleaves
-padding). Per-channel readers (depthwise convs, pooling, elementwise ops) keep the layout;
-dense convs read the real channels through zero-padded weights; every other reader, and every
-graph output, gets the real channels gathered back. Padded channels stay finite and no real
-channel reads them, so the model computes what it did.
+padding). A graph input whose channels the block does not divide (a tail's cut tensor) is
+widened once on entry, unless it is as narrow as an image. Per-channel readers (depthwise
+convs, pooling, elementwise ops) keep the layout; dense convs read the real channels through
+zero-padded weights; every other reader, and every graph output, gets the real channels
+gathered back. Padded channels stay finite and no real channel reads them, so the model
+computes what it did.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from onnx import ModelProto, helper, numpy_helper
 from nasc.passes.util import checked, copy_model
 
 Layout = tuple[int, np.ndarray]  # (padded channel count, padded index of each real channel)
+
+# graph inputs narrower than this (an RGB image) are left as they are: the convs reading them
+# would do several times the work for channels that are all zeros
+MIN_INPUT_CHANNELS = 4
 
 # per-channel ops, finite on finite input, whose output keeps their input's layout; their
 # other inputs must be constants without a channel axis (Clip's bounds, LeakyRelu has none)
@@ -75,6 +81,24 @@ class _Padder:
         self.nodes: list[onnx.NodeProto] = []
         self.new_inits: list[onnx.TensorProto] = []
         self.real: dict[str, str] = {}
+        self.entry: dict[str, str] = {}  # widened graph input -> the input
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+    def pad_input(self, x: str) -> None:
+        """Widen graph input `x` on entry (a Pad of zero channels), when the block does not divide it."""
+        shape = self.shapes.get(x, [])
+        if len(shape) != 4 or shape[1] < MIN_INPUT_CHANNELS or shape[1] % self.block == 0:
+            return
+        width, wide = _round_up(shape[1], self.block), f"{x}.padded"
+        pads = [0, 0, 0, 0, 0, width - shape[1], 0, 0]
+        if self.opset >= 11:
+            self.nodes.append(helper.make_node("Pad", [x, self.const(f"{x}.channel_pads", np.array(pads, np.int64))],
+                                               [wide], name=f"{x}.pad_channels"))
+        else:
+            self.nodes.append(helper.make_node("Pad", [x], [wide], name=f"{x}.pad_channels", pads=pads))
+        self.entry[wide] = x
+        self.shapes[wide] = [shape[0], width, *shape[2:]]
+        self.layouts[wide] = (width, np.arange(shape[1]))
 
     def const(self, name: str, values: np.ndarray) -> str:
         self.new_inits.append(numpy_helper.from_array(values, name))
@@ -82,6 +106,8 @@ class _Padder:
 
     def real_channels(self, t: str) -> str:
         """`t` with only its real channels, in their order (a Gather after its producer)."""
+        if t in self.entry:
+            return self.entry[t]
         if t not in self.layouts:
             return t
         if t not in self.real:
@@ -98,7 +124,7 @@ class _Padder:
             out.input[i] = self.real_channels(x) if x else x
         self.nodes.append(out)
 
-    def with_inputs(self, node: onnx.NodeProto, inputs: list[str], **attrs) -> onnx.NodeProto:
+    def with_inputs(self, node: onnx.NodeProto, inputs: list[str], append: bool = True, **attrs) -> onnx.NodeProto:
         out = onnx.NodeProto()
         out.CopyFrom(node)
         del out.input[:]
@@ -107,10 +133,14 @@ class _Padder:
             if a.name in attrs:
                 a.CopyFrom(helper.make_attribute(a.name, attrs.pop(a.name)))
         out.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
-        self.nodes.append(out)
+        if append:
+            self.nodes.append(out)
         return out
 
     def visit(self, node: onnx.NodeProto) -> None:
+        widened_inputs = {x: w for w, x in self.entry.items()}
+        if any(x in widened_inputs for x in node.input):
+            node = self.with_inputs(node, [widened_inputs.get(x, x) for x in node.input], append=False)
         ins = [x for x in node.input if x]
         if node.op_type == "Conv":
             return self.conv(node)
@@ -212,8 +242,15 @@ class _Padder:
 
 def _pad(model: ModelProto, block: int) -> tuple[ModelProto, dict[str, Layout]]:
     p = _Padder(model, block)
+    for x in model.graph.input:
+        if x.name not in p.inits:
+            p.pad_input(x.name)
     for node in model.graph.node:
         p.visit(node)
+    read = {x for n in p.nodes for x in n.input}
+    for wide in [w for w in p.entry if w not in read]:  # an input only ops outside the padding read
+        p.nodes = [n for n in p.nodes if wide not in n.output]
+        del p.layouts[wide]
     out = copy_model(model)
     g = out.graph
     # graph outputs keep their names and real channels: the widened value is renamed, and the
@@ -233,7 +270,8 @@ def _pad(model: ModelProto, block: int) -> tuple[ModelProto, dict[str, Layout]]:
     del g.initializer[:]
     g.initializer.extend(inits)
     del g.value_info[:]  # widened tensors changed shape: infer them all again
-    return checked(onnx.shape_inference.infer_shapes(out, strict_mode=True)), p.layouts
+    layouts = {p.entry.get(t, t): lay for t, lay in p.layouts.items()}
+    return checked(onnx.shape_inference.infer_shapes(out, strict_mode=True)), layouts
 
 
 def pad_channels(model: ModelProto, block: int) -> ModelProto:
@@ -244,6 +282,6 @@ def pad_channels(model: ModelProto, block: int) -> ModelProto:
 
 def channel_layouts(model: ModelProto, block: int) -> dict[str, Layout]:
     """The tensors of `model` that `pad_channels(model, block)` widens: for each, (padded channel
-    count, the padded index of each real channel). A widened graph output keeps its name for its
-    real channels; the widened value is `{name}.padded`."""
+    count, the padded index of each real channel). A widened graph input or output keeps its
+    name for its real channels; the widened value is `{name}.padded`."""
     return _pad(model, block)[1]

@@ -87,12 +87,14 @@ def test_every_op_keeps_numerics_and_padding_stays_finite(block):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
     layouts = channel_layouts(model, block)
     assert {"a", "b", "cat", "dw", "bn", "mul", "div_out", "res", "pool", "c3"} <= set(layouts)
-    values = _all_values(padded, feeds)
+    values, reference = _all_values(padded, feeds), {**feeds, **_all_values(model, feeds)}
+    # the 8-channel input is widened on entry where the block does not divide it
+    assert ("x" in layouts) == (block == 16)
     for name, (width, real) in layouts.items():
         value = values.get(f"{name}.padded", values.get(name))
         assert value.shape[1] == width and width % block == 0
         assert np.isfinite(value).all(), f"{name}: padded channels must stay finite"
-        np.testing.assert_allclose(value[:, real], _all_values(model, feeds)[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(value[:, real], reference[name], rtol=1e-5, atol=1e-5)
     # the concat interleaves padding: each piece keeps its real channels first
     width = -(-12 // block) * block
     assert layouts["cat"][0] == 2 * width
@@ -140,7 +142,9 @@ def test_the_cpu_pipeline_pads_only_where_convs_get_cheaper():
     assert block_for("resnet8") is None
     # 8-channel convs: a block of 8 costs less than four times the MACs at 16
     assert cs.padding_block(_chain([8, 8, 8, 8]), 16) is None
-    assert cs.padding_block(_chain([8, 12, 12, 8]), 16) == 8
+    # 12 channels hold 8 -> 12 -> 8 to a block of 4; padded to 8 they take 1.3x the MACs, to 16 2.7x
+    assert cs.padding_block(_chain([8, 12, 8]), 16) == 8
+    assert cs.padding_block(_chain([16, 12, 12, 16]), 16) == 16
 
 
 def _chain(channels: list[int]) -> onnx.ModelProto:
@@ -174,3 +178,23 @@ def test_the_tvm_cpu_backend_compiles_the_padded_graph_and_keeps_the_outputs():
     want = ort.run(model, feeds)
     for name in outs:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_a_tail_widens_the_cut_tensors_it_receives():
+    """A DenseNet tail receives 24- and 12-channel tensors and concatenates them: widened on entry,
+    its convs run in the same block as the whole model's, and it computes the same outputs."""
+    from nasc.passes import split_model
+
+    _, a, cuts = prepared("densenet")
+    shapes = lambda m: {i.name: i.type.tensor_type.shape.dim[1].dim_value for i in m.graph.input}  # noqa: E731
+    tails = [t for _, t in (split_model(a, c) for c in cuts) if t is not None]
+    tail = next(t for t in tails if any(c % 16 and c >= 4 for c in shapes(t).values()))
+    odd = {x for x, c in shapes(tail).items() if c % 16}
+    assert cs.padding_block(tail, 16) == cs.padding_block(a.model, 16) == 16
+    assert odd <= set(channel_layouts(tail, 16))
+    feeds = random_feeds(tail)
+    want, got = ort.run(tail, feeds), ort.run(pad_channels(tail, 16), feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+    # an image's 3 channels stay as they are
+    assert "input" not in channel_layouts(a.model, 16)
