@@ -179,15 +179,18 @@ class _CpuOpLowerer(PyExprMutator):
         if not (isinstance(w, tvm.ir.expr.Constant) and x_shape and w_shape and len(w_shape) == 2
                 and len(x_shape) >= 2):
             return call
-        # Two vectors wide when N allows, else one (ResNet's 1000 classes are 8 x 125).
-        panel = next((p for p in (self.panel, self.panel // 2) if w_shape[1] % p == 0), 0)
-        if not panel:
-            return call
+        # Two vectors wide when N allows, else one; else two, the last panel padded with zero
+        # columns that are sliced off after (1000 classes under AVX-512). Padding the packed
+        # constant costs nothing at run time; the unpacked fallback pads B on every call.
+        columns = w_shape[1]
+        panel = next((p for p in (self.panel, self.panel // 2) if columns % p == 0), self.panel)
         # A layout_transform of a constant: FoldConstant packs the weight at compile time.
         packed = self.builder_.emit(relax.op.layout_transform(
-            w, index_map=lambda k, n: (n // panel, k, n % panel)))
-        return self.builder_.call_te(matmul_packed, x, packed, _out_dtype(call),
-                                     primfunc_name_hint="matmul_packed")
+            w, index_map=lambda k, n: (n // panel, k, n % panel), pad_value=0.0))
+        out = self.builder_.call_te(matmul_packed, x, packed, _out_dtype(call), primfunc_name_hint="matmul_packed")
+        if columns % panel == 0:
+            return out
+        return relax.op.strided_slice(self.builder_.emit(out), axes=[len(x_shape) - 1], begin=[0], end=[columns])
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerCpuOps")
