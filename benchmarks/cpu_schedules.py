@@ -48,8 +48,8 @@ MODELS = {
     "mobilenetv2": lambda: _prepared(build("mobilenetv2", resolution=IMAGE_PX, width=1.0, classes=1000)),
     "inception": lambda: _prepared(build("inception", resolution=IMAGE_PX, classes=1000)),
 }
-# models whose narrow or odd channel counts only run blocked once padded (measured here, not tuned)
-PADDED_MODELS = {
+# models with narrow, odd or concatenated channel counts: measured here, not tuned by benchmarks/tuning.py
+MORE_MODELS = {
     "densenet": lambda: _prepared(build("densenet", resolution=IMAGE_PX, classes=1000)),
     "shufflenet": lambda: _prepared(build("shufflenet", resolution=IMAGE_PX, classes=1000)),
 }
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    cases = {**MODELS, **PADDED_MODELS}
+    cases = {**MODELS, **MORE_MODELS}
     cases.update({name: lambda m=m: m for name, m in kernel_models().items()})
     rows = []
     print(f"{'model':32s} {'ORT ms':>9s} {'default ms':>11s} {'nasc ms':>9s} "
