@@ -91,6 +91,7 @@ CONV_CASES = {
     "3x3_stride2_padded": dict(cin=16, cout=32, k=3, stride=2, residual=True),
     "5x5_odd_size_batch2": dict(cin=8, cout=16, k=5, hw=13, batch=2),
     "stem_3_channels_7x7_s2": dict(cin=3, cout=16, k=7, stride=2, hw=20),
+    "stem_3_to_24_channels": dict(cin=3, cout=24, k=3, stride=2, hw=20),
     "depthwise_3x3": dict(cin=32, cout=32, k=3, groups=32),
     "depthwise_3x3_stride2": dict(cin=16, cout=16, k=3, stride=2, groups=16, hw=15),
     "grouped_4_groups": dict(cin=32, cout=32, k=3, groups=4),
@@ -199,6 +200,17 @@ def test_plain_conv_accumulates_with_the_vector_lanes_innermost():
     local = [b for b in func.body.block.alloc_buffers if b.scope() == "local"]
     assert local, "the conv accumulates in a local register tile"
     assert [int(d) for d in local[0].shape] == [1, 10, 10, 16]   # N, H, W, C: channels innermost
+
+
+def test_plain_conv_short_of_a_vector_still_runs_a_register_tile():
+    """24 output channels do not fill a 16-lane vector: the stem still runs register-tiled on the
+    widest short vector that divides them, not unscheduled (3 ms for ShuffleNet's stem)."""
+    mod = _scheduled_module(_conv_block(3, 24, 3, stride=2, hw=20))
+    (func,) = [f for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in g.name_hint]
+    lanes = max(w for w in (16, 8, 4) if 24 % w == 0 and w <= cs.cpu_vector_spec(HOST).channel_block)
+    assert any(b.scope() == "local" for b in func.body.block.alloc_buffers), "no register tile"
+    text = func.script()
+    assert f"T.vectorized({lanes})" in text or f"T.vectorized(T.int64({lanes}))" in text
 
 
 def _gemm(m, k, n, trans_b=True):

@@ -153,9 +153,13 @@ def _schedule_conv_nchw(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     conv = _find_block(sch, lambda b: sch.get(b).name_hint == "conv2d_nchw")
     if conv is None or _iter_kinds(sch, conv) != "SSSSRRR":
         return False
-    block_o = spec.channel_block
     n, oc, oh, ow, rc, ry, rx = sch.get_loops(conv)
-    if _extent(sch, oc) % block_o != 0:
+    # a whole vector of output channels, else the widest short vector that divides them
+    # (a 24-channel stem under AVX-512 runs 8 lanes rather than unscheduled)
+    widths = [spec.channel_block >> i for i in range(spec.channel_block.bit_length())
+              if spec.channel_block >> i >= MIN_SHORT_VECTOR]
+    block_o = next((w for w in widths if _extent(sch, oc) % w == 0), None)
+    if block_o is None:
         return False
     weight_index = _weight_read_index(sch, conv)
     packed = sch.cache_read(conv, weight_index, "global")
