@@ -22,7 +22,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
 from .cpu_rules.lowering import (CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, MIN_CONV_BLOCK, block_fits, conv_block,
-                                 lowering_passes)
+                                 lowering_passes, writes_blocked)
 from .cpu_rules.tir_rules import default_rules
 from .cpu_rules.vector_spec import CpuVectorSpec, cpu_vector_spec
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CONV_BLOCK_NAME", "MATMUL_BLOCK_NAME", "CpuVectorSpec", "block_fits", "conv_block", "conv_channels",
            "cpu_layout_passes", "cpu_schedule_passes", "cpu_vector_spec", "model_conv_block", "pad_for_cpu",
-           "padding_block", "scheduled_cpu_pipeline"]
+           "padding_block", "scheduled_cpu_pipeline", "writes_blocked"]
 
 # Time per MAC of a dense conv computed in block b, relative to a block as wide as the vector
 # (V lanes), is (V / b) ** NARROW_BLOCK_EXPONENT: measured at 1 thread on AVX-512, block 8 costs
@@ -82,12 +82,12 @@ _LAYOUT_FOLLOWERS = {"Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "Tan
 
 def runs_blocked(op_type: str, in_channels: int, out_channels: int, groups: int, inputs_blocked: list[bool],
                  model_block: int | None) -> bool:
-    """Whether `cpu_layout_passes` leave this op computing in NCHW{model_block}c.
+    """Whether `cpu_layout_passes` leave this op reading its input in NCHW{model_block}c.
 
     `model_block` is `conv_block` over all the model's convs. A conv is converted when that
     block divides both its channel counts (dense or depthwise); the ops TVM's layout inference
     lets follow keep their inputs' layout (all of them blocked, for a Concat); everything else
-    computes in plain layout.
+    computes in plain layout. (A conv read plain may still write blocked: `writes_blocked`.)
     """
     if not model_block:
         return False

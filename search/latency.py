@@ -266,7 +266,8 @@ def planned_record(a: Analysis, groups, kernel_ms: np.ndarray, channel_block: in
     """The record backends/context.py would measure, planned instead: each kernel at its predicted
     time, layouts as the CPU layout pass chooses them (backends.cpu_schedules.runs_blocked), a
     transform wherever a kernel reads a tensor in the other layout, priced by `layout_ms(bytes)`."""
-    from nasc.backends.cpu_schedules import conv_channels, model_conv_block, padding_block, runs_blocked
+    from nasc.backends.cpu_schedules import (conv_channels, model_conv_block, padding_block, runs_blocked,
+                                             writes_blocked)
     from nasc.partitioner.analysis import analyze
     from nasc.partitioner.load import node_inputs
     from nasc.passes.pad_channels import pad_channels
@@ -286,11 +287,14 @@ def planned_record(a: Analysis, groups, kernel_ms: np.ndarray, channel_block: in
         out = next((o for o in reversed(produced) if o in a.specs), produced[-1])
         cin, cout, group = conv_channels(widened, widened_node.get(anchor.name, anchor), out)
         want = runs_blocked(anchor.op_type, cin, cout, group, [blocked.get(x, False) for x in ins], model_block)
+        # a conv the block cannot hold (a 3-channel stem) may still write blocked output
+        writes = want or bool(anchor.op_type == "Conv" and model_block
+                              and writes_blocked(model_block, (cin, cout, group)))
         for x in ins:
             if blocked.get(x, False) != want:
                 transforms.append({"tensor": x, "ms": layout_ms(a.specs[x].nbytes), "to_blocked": want, "reader": out})
-        kernels.append({"tensor": out, "ms": float(ms), "blocked": want, "reads": [[x, want] for x in ins]})
-        blocked.update({o: want for o in produced})
+        kernels.append({"tensor": out, "ms": float(ms), "blocked": writes, "reads": [[x, want] for x in ins]})
+        blocked.update({o: writes for o in produced})
     for o in a.outputs:
         if blocked.get(o, False):
             transforms.append({"tensor": o, "ms": layout_ms(a.specs[o].nbytes), "to_blocked": False, "reader": None})

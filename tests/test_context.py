@@ -120,11 +120,13 @@ def test_planned_record_follows_the_cpu_layout_pass():
     planned = planned_record(a, groups, ms, 8, lambda nbytes: nbytes * 1e-6)
     by_tensor = {k["tensor"]: k for k in planned["kernels"]}
     first = planned["kernels"][0]
-    assert not first["blocked"], "3 input channels do not fill a block of 8"
+    assert not any(blocked for _, blocked in first["reads"]), "3 input channels do not fill a block of 8"
+    assert first["blocked"], "the stem's 16 output channels are written blocked"
     assert sum(k["blocked"] for k in planned["kernels"]) >= len(groups) // 2
     # a transform exactly where a kernel reads a tensor in the other layout
     for t in planned["transforms"]:
         if t["reader"] is not None:
-            assert t["to_blocked"] == by_tensor[t["reader"]]["blocked"]
+            assert t["to_blocked"] == dict(map(tuple, by_tensor[t["reader"]]["reads"]))[t["tensor"]]
             assert t["ms"] == pytest.approx(a.specs[t["tensor"]].nbytes * 1e-6)
-    assert any(t["tensor"] == first["tensor"] and t["to_blocked"] for t in planned["transforms"])
+    # neither the image nor the stem's output is transformed: the stem reads one, writes the other
+    assert not any(t["tensor"] in (a.inputs[0], first["tensor"]) for t in planned["transforms"])

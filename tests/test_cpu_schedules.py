@@ -192,6 +192,16 @@ def test_convs_of_mixed_channel_counts_share_one_block(channels):
     assert any("conv2d_nchwc" in g.name_hint for g, _ in mod.functions_items())
 
 
+def test_a_stem_writes_the_blocked_layout_its_readers_want():
+    """A 3-channel stem cannot read blocks, but its 16 output channels fill them: it writes
+    NCHW{c}c straight away, so no transform runs between it and the blocked conv after it."""
+    model = _conv_chain([3, 16, 16])
+    _assert_matches_ort(model)
+    names = [g.name_hint for g, _ in _scheduled_module(model).functions_items()]
+    assert sum("conv2d_nchwc" in n for n in names) == 2, names
+    assert sum("layout_transform" in n for n in names) == 1, names  # the output, back to NCHW
+
+
 def test_plain_conv_accumulates_with_the_vector_lanes_innermost():
     """A 3-channel stem runs plain NCHW vectorised over output channels: its register tile must
     hold those channels innermost, or every FMA gathers and scatters its accumulator."""
