@@ -70,6 +70,8 @@ def _padded(values: np.ndarray, axis: int, layout: Layout, fill: float) -> np.nd
 
 
 class _Padder:
+    """One walk over the nodes in order: each is kept, widened, or made to read real channels."""
+
     def __init__(self, model: ModelProto, block: int):
         self.block = block
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -82,6 +84,7 @@ class _Padder:
         self.new_inits: list[onnx.TensorProto] = []
         self.real: dict[str, str] = {}
         self.entry: dict[str, str] = {}  # widened graph input -> the input
+        self.widened_input: dict[str, str] = {}  # and back
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def pad_input(self, x: str) -> None:
@@ -96,7 +99,7 @@ class _Padder:
                                                [wide], name=f"{x}.pad_channels"))
         else:
             self.nodes.append(helper.make_node("Pad", [x], [wide], name=f"{x}.pad_channels", pads=pads))
-        self.entry[wide] = x
+        self.entry[wide], self.widened_input[x] = x, wide
         self.shapes[wide] = [shape[0], width, *shape[2:]]
         self.layouts[wide] = (width, np.arange(shape[1]))
 
@@ -138,9 +141,8 @@ class _Padder:
         return out
 
     def visit(self, node: onnx.NodeProto) -> None:
-        widened_inputs = {x: w for w, x in self.entry.items()}
-        if any(x in widened_inputs for x in node.input):
-            node = self.with_inputs(node, [widened_inputs.get(x, x) for x in node.input], append=False)
+        if any(x in self.widened_input for x in node.input):
+            node = self.with_inputs(node, [self.widened_input.get(x, x) for x in node.input], append=False)
         ins = [x for x in node.input if x]
         if node.op_type == "Conv":
             return self.conv(node)

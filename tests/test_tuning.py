@@ -19,7 +19,11 @@ pytestmark = pytest.mark.slow
 
 TRIALS = 2
 ONE_KERNEL_SPLIT = "2"     # tiny's head at cut 2 is one fused conv kernel: the cheapest real tuning
-MANY_KERNEL_SPLIT = "7"    # several kernels, one of them shared with the head above
+MANY_KERNEL_SPLIT = "7"    # several kernels
+# tiny's tail at cut 9 is its classifier alone; its tail at cut 2 runs the classifier too, after
+# convs. (The head at cut 2 shares no kernel with larger heads: alone, its stem writes plain
+# NCHW; beside blocked convs, it writes their blocked layout.)
+CLASSIFIER_TAIL_SPLIT, LONG_TAIL_SPLIT = "9", "2"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,13 +162,14 @@ def test_compile_with_db_matches_ort_and_reports_kernels(tuned_db, tmp_path):
 
 
 def test_time_budget_keeps_records_and_resumes(tuned_db, llvm):
-    db, _, first = tuned_db
-    model = model_to_tune("example:tiny", MANY_KERNEL_SPLIT, "head")
+    db, _, _ = tuned_db
+    first = tuning.tune(model_to_tune("example:tiny", CLASSIFIER_TAIL_SPLIT, "tail"), llvm, db, trials=TRIALS)
+    model = model_to_tune("example:tiny", LONG_TAIL_SPLIT, "tail")
     cut_short = tuning.tune(model, llvm, db, trials=TRIALS, time_budget_s=1.0)
     assert cut_short.stopped == "time-budget"
     assert 0 < cut_short.trials_measured < TRIALS * sum(not k.skipped for k in cut_short.kernels)
     shared = {k.workload_key for k in first.kernels}
-    assert any(k.skipped and k.workload_key in shared for k in cut_short.kernels), "a kernel tuned for another head is reused"
+    assert any(k.skipped and k.workload_key in shared for k in cut_short.kernels), "a kernel tuned for another tail is reused"
     measured = [k for k in cut_short.kernels if not k.skipped and k.trials > 0]
     assert measured, "the batch measured before the budget ran out was committed"
     # what was committed is in the DB a fresh process would open, and finished kernels are not redone
