@@ -189,7 +189,7 @@ class _CpuOpLowerer(PyExprMutator):
         panel = next((p for p in (self.panel, self.panel // 2) if columns % p == 0), self.panel)
         # A layout_transform of a constant: FoldConstant packs the weight at compile time.
         packed = self.builder_.emit(relax.op.layout_transform(
-            w, index_map=lambda k, n: (n // panel, k, n % panel), pad_value=0.0))
+            w, index_map=lambda k, n: (n // panel, k, n % panel), pad_value=0.0 if columns % panel else None))
         out = self.builder_.call_te(matmul_packed, x, packed, _out_dtype(call), primfunc_name_hint="matmul_packed")
         if columns % panel == 0:
             return out
