@@ -152,11 +152,10 @@ def padding_block(model: ModelProto, channel_block: int) -> int | None:
     return best
 
 
-def pad_for_cpu(model: ModelProto, target: tvm.target.Target,
-                spec: CpuVectorSpec | None = None) -> tuple[ModelProto, int | None]:
-    """The ONNX graph the CPU pipeline compiles: `model` with its conv channels padded to
-    `padding_block` (unchanged when that is None), and the block."""
+def pad_for_cpu(model: ModelProto, channel_block: int) -> tuple[ModelProto, int | None]:
+    """The ONNX graph the CPU pipeline compiles for a vector of `channel_block` float32 lanes:
+    `model` with its conv channels padded to `padding_block` (unchanged when that is None), and the block."""
     from nasc.passes.pad_channels import pad_channels
 
-    block = padding_block(model, (spec or cpu_vector_spec(target)).channel_block)
+    block = padding_block(model, channel_block)
     return (pad_channels(model, block) if block else model), block

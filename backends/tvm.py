@@ -53,9 +53,9 @@ def target_graph(model: ModelProto, target: Target, log: Callable[[str], None] |
     fastest in (see backends.cpu_schedules.pad_for_cpu); the same outputs, in the same layout."""
     if target.kind == "cuda":
         return model
-    from nasc.backends.cpu_schedules import pad_for_cpu
+    from nasc.backends.cpu_schedules import cpu_vector_spec, pad_for_cpu
 
-    padded, block = pad_for_cpu(model, target.tvm())
+    padded, block = pad_for_cpu(model, cpu_vector_spec(target.tvm()).channel_block)
     if block and log:
         log(f"pad-channels-{block}")
     return padded

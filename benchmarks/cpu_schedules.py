@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from nasc.backends.cpu_schedules import pad_for_cpu, scheduled_cpu_pipeline  # noqa: E402
+from nasc.backends.cpu_schedules import cpu_vector_spec, pad_for_cpu, scheduled_cpu_pipeline  # noqa: E402
 from nasc.compile import plan  # noqa: E402
 from nasc.examples import build  # noqa: E402
 from nasc.examples.builder import OPSET  # noqa: E402
@@ -174,7 +174,7 @@ def measure(name: str, model: onnx.ModelProto, with_default: bool, repeats: int)
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     expected = session.run(None, feeds)[0]
-    padded, block = pad_for_cpu(model, target)
+    padded, block = pad_for_cpu(model, cpu_vector_spec(target).channel_block)
     run_nasc, compile_s = _tvm_runner(padded, scheduled_cpu_pipeline(target), target, feeds)
     err = float(np.abs(run_nasc().numpy() - expected).max())
     run_default = None

@@ -266,16 +266,14 @@ def planned_record(a: Analysis, groups, kernel_ms: np.ndarray, channel_block: in
     """The record backends/context.py would measure, planned instead: each kernel at its predicted
     time, layouts as the CPU layout pass chooses them (backends.cpu_schedules.runs_blocked), a
     transform wherever a kernel reads a tensor in the other layout, priced by `layout_ms(bytes)`."""
-    from nasc.backends.cpu_schedules import (conv_channels, model_conv_block, padding_block, runs_blocked,
-                                             writes_blocked)
+    from nasc.backends.cpu_schedules import conv_channels, model_conv_block, pad_for_cpu, runs_blocked, writes_blocked
     from nasc.partitioner.analysis import analyze
     from nasc.partitioner.load import node_inputs
-    from nasc.passes.pad_channels import pad_channels
 
     # the layout pass sees the graph the CPU pipeline compiles: conv channels padded to the block
     widened = a
-    if channel_block and (block := padding_block(a.model, channel_block)):
-        widened = analyze(pad_channels(a.model, block))
+    if channel_block and (padded := pad_for_cpu(a.model, channel_block))[1]:
+        widened = analyze(padded[0])
     widened_node = {n.name: n for n in widened.nodes}
     blocked = {x: False for x in a.inputs}
     kernels, transforms = [], []
