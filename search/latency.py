@@ -87,8 +87,6 @@ def predict(a: Analysis, cuts: list[Cut], model: LatencyModel, link: Link, compr
 
 MEASURED, PREDICTED, ANALYTIC = "measured", "predicted", "analytic"
 MEASURED_IN_CONTEXT = "measured in context"
-# ops that make the CPU layout pass transform their input (see backends.cpu_schedules.runs_blocked)
-LAYOUT_DEMANDING = {"Conv"}
 
 
 def _channel_block(target: dict) -> int | None:
@@ -303,7 +301,7 @@ class ContextTimes:
     """Halves priced from one model's kernels timed in place (backends/context.py).
 
     A half costs the kernels computing its nodes, the layout transforms between them, and one
-    transform for each tensor a conv of the half receives but reads blocked and for each
+    transform for each tensor the half receives and some kernel reads blocked, and for each
     blocked tensor it sends. A fused kernel a cut breaks is priced as the two kernels each
     half then runs (by `parts_ms`, the profile's kernels or predictor).
     """
@@ -324,10 +322,10 @@ class ContextTimes:
                 continue
             self.kernels.append((node(k["tensor"]), k["ms"] + pending))
             pending = 0.0
-        # a conv demands its layout; the ops after it (pooling, elementwise) run in whatever arrives
-        demands = lambda n: n >= 0 and self._anchor(n).op_type in LAYOUT_DEMANDING  # noqa: E731
+        # a half runs in the whole model's layouts: a tensor it receives that some reader there read
+        # blocked is transformed once on entry (backends/cpu_rules/lowering.py, _ReceivedBlocker)
         self.reads_blocked = [(t, node(k["tensor"])) for k in doc["kernels"] for t, blocked in k.get("reads", [])
-                              if blocked and demands(node(k["tensor"]))]
+                              if blocked and node(k["tensor"]) >= 0]
         self.blocked_out = {k["tensor"] for k in doc["kernels"] if k["blocked"] and k["tensor"] is not None}
         self.transforms = [(t["tensor"], node(t["reader"]) if t["reader"] is not None else None, float(t["ms"]),
                             t["to_blocked"]) for t in doc["transforms"] if t["tensor"] is not None]
@@ -338,10 +336,6 @@ class ContextTimes:
             self.measured_transform[t] = min(ms, self.measured_transform.get(t, np.inf))
         self.units = self._units(doc)
         self.unit_of = {i: u for u, groups in enumerate(self.units) for g in groups for i in self.groups[g].nodes}
-
-    def _anchor(self, n: int):
-        g = self.group_of.get(n)
-        return self.a.nodes[self.groups[g].nodes[0] if g is not None else n]
 
     def _units(self, doc: dict) -> list[list[int]]:
         """Kernel groups that ran as one call: a group whose output no call computed was fused by

@@ -13,7 +13,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.sym.analyzer import Analyzer
 
-from .lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME
+from .lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, TO_BLOCKED_NAME
 from .vector_spec import CpuVectorSpec
 
 # Rows per matmul register tile: 6 rows x 2 vectors = 12 accumulators of the 16 AVX2 registers.
@@ -30,6 +30,10 @@ MIN_SHORT_VECTOR = 4
 # other RuntimeErrors; symbolic extents surface as TypeError in the tile arithmetic. Either
 # way the rule declines and the next one gets the PrimFunc.
 _SCHEDULE_ERRORS = (RuntimeError, ValueError, TypeError)
+# Pixels per NCHW -> NCHW{c}c transpose tile: a block of channels x this many pixels, both loops
+# unrolled, reads whole cache lines of each channel row and writes whole blocks. 64x56x56 at one
+# thread: 0.29 ms as TVM's layout_transform, 0.092 with the channel loop innermost, 0.037 tiled.
+TRANSPOSE_TILE_COLS = 8
 
 
 def default_rules(spec: CpuVectorSpec) -> list[ScheduleRule]:
@@ -37,6 +41,7 @@ def default_rules(spec: CpuVectorSpec) -> list[ScheduleRule]:
     return [_rule("ConvNCHWc", _schedule_conv_nchwc, spec),
             _rule("ConvNCHW", _schedule_conv_nchw, spec),
             _rule("Matmul", _schedule_matmul, spec),
+            _rule("ToBlocked", _schedule_to_blocked, spec),
             _rule("Fallback", _schedule_fallback, spec)]
 
 
@@ -177,6 +182,23 @@ def _schedule_conv_nchw(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     # channels) innermost, or every FMA gathers and scatters its accumulator at a stride.
     sch.transform_layout(conv, ("write", 0), lambda n_, o, h, w: (n_, h, w, o))
     _schedule_remaining(sch, spec, skip=[conv])
+    return True
+
+
+def _schedule_to_blocked(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
+    """NCHW -> NCHW{c}c as a tiled transpose; a producer fused in (a tail's channel pad) is inlined."""
+    block = _find_block(sch, lambda b: sch.get(b).name_hint.startswith(TO_BLOCKED_NAME))
+    if block is None:
+        return False
+    for other in _root_blocks(sch):
+        if not sch.get(other).same_as(sch.get(block)):
+            sch.compute_inline(other)
+    n, co, h, w, ci = sch.get_loops(block)
+    wo, wi = sch.split(w, [None, _largest_divisor(_extent(sch, w), TRANSPOSE_TILE_COLS)])
+    sch.reorder(wo, ci, wi)
+    sch.unroll(ci)
+    sch.unroll(wi)
+    _parallel_outer(sch, [n, co, h])
     return True
 
 
