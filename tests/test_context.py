@@ -5,7 +5,7 @@ import pytest
 
 from conftest import prepared
 from nasc import defaults
-from nasc.backends.context import measure_in_context, model_key
+from nasc.backends.context import MAX_SCALE, measure_in_context, model_key
 from nasc.backends.profile import KernelProfile, kernel_groups
 from nasc.backends.targets import resolve_target
 from nasc.search.latency import (DEVICE, MEASURED_IN_CONTEXT, AnalyticLatencyModel, ContextTimes,
@@ -19,7 +19,8 @@ def test_every_kernel_call_is_attributed(name):
     _, a, _ = prepared(name)
     doc = measure_in_context(a, resolve_target("llvm"))
     assert doc["model"] == model_key(a.model) and doc["unmatched"] == []
-    assert doc["whole_ms"] > 0 and 1.0 <= doc["scale"] <= 1.5
+    # calls are scaled to the whole run, within a bound either way (down when a busy host slowed them)
+    assert doc["whole_ms"] > 0 and 1.0 / MAX_SCALE <= doc["scale"] <= MAX_SCALE
     assert all(k["tensor"] in a.producer and k["ms"] > 0 for k in doc["kernels"])
     # every kernel group's output is computed by some call (none silently fused away)
     computed = {k["tensor"] for k in doc["kernels"]}
@@ -37,7 +38,7 @@ def test_every_kernel_call_is_attributed(name):
     # the whole model priced from its own records is its measured time, less the call
     everything = np.ones((1, len(a.nodes)), bool)
     whole = ctx.half_ms(everything, lambda parts: np.zeros(len(parts)))[0]
-    if 1.0 < doc["scale"] < 1.5:
+    if 1.0 / MAX_SCALE < doc["scale"] < MAX_SCALE:
         assert whole == pytest.approx(doc["whole_ms"] - doc["call_ms"], rel=1e-6)
     else:
         assert whole == pytest.approx(sum(k["ms"] for k in doc["kernels"]) + sum(t["ms"] for t in doc["transforms"]))
