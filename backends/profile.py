@@ -91,11 +91,12 @@ def group_model(a: Analysis, group: KernelGroup) -> ModelProto:
     return m
 
 
-def in_blocked_layout(model: ModelProto) -> ModelProto:
-    """`model` with an identity depthwise 1x1 Conv (weights of ones) in front of each 4-D input.
+def in_blocked_layout(model: ModelProto, names: set[str] | None = None) -> ModelProto:
+    """`model` with an identity depthwise 1x1 Conv (weights of ones) in front of each 4-D input
+    (of those in `names`, if given).
 
     A conv-free kernel compiled alone runs in plain NCHW, but in a CNN on a CPU its inputs
-    arrive NCHW{c}c and it runs blocked: 5-10x faster for pools. The identity conv gives the
+    arrive NCHW{c}c and it runs blocked: 2-10x faster for pools. The identity conv gives the
     layout pass a conv to block at each input; the CPU lowering turns it into a layout
     transform (timed as such, apart from the kernel), so the kernel runs as in the CNN."""
     m = ModelProto()
@@ -104,7 +105,8 @@ def in_blocked_layout(model: ModelProto) -> ModelProto:
     convs = []
     for vi in g.input:
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        if len(dims) != 4 or vi.type.tensor_type.elem_type != 1 or min(dims) < 1:
+        if (len(dims) != 4 or vi.type.tensor_type.elem_type != 1 or min(dims) < 1
+                or (names is not None and vi.name not in names)):
             continue
         blocked, ones = f"{vi.name}.blocked", f"{vi.name}.ones"
         for node in g.node:
@@ -118,15 +120,17 @@ def in_blocked_layout(model: ModelProto) -> ModelProto:
     return m
 
 
-def runs_blocked(a: Analysis, target) -> bool:
-    """Whether `a`'s convs run NCHW{c}c on `target` (a CPU target and a block that fits them)."""
+def blocked_reads(a: Analysis, groups: list[KernelGroup], target) -> list[set[str]]:
+    """For each group, the tensors it reads in NCHW{c}c inside `a` on `target`, as the CPU
+    layout pass places them (search.latency.planned_record); none off a CPU."""
     if target.device != "cpu":
-        return False
-    from nasc.backends.cpu_schedules import cpu_vector_spec, model_conv_block
-    from nasc.backends.tvm import target_graph
-    from nasc.partitioner.analysis import analyze
+        return [set() for _ in groups]
+    from nasc.backends.cpu_schedules import cpu_vector_spec
+    from nasc.search.latency import planned_record
 
-    return model_conv_block(analyze(target_graph(a.model, target)), cpu_vector_spec(target.tvm()).channel_block) is not None
+    plan = planned_record(a, groups, np.zeros(len(groups)), cpu_vector_spec(target.tvm()).channel_block,
+                          lambda nbytes: 0.0)
+    return [{x for x, b in k["reads"] if b} for k in plan["kernels"]]
 
 
 def time_model_ms(model: ModelProto, target, executable=None, database=None) -> float:
@@ -188,15 +192,15 @@ def call_overhead_ms(target) -> float:
 
 def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
                     log: Callable[[str], None] | None = None, database=None,
-                    blocked: bool | None = None) -> dict[str, float]:
+                    blocked: bool = False) -> dict[str, float]:
     """Milliseconds per kernel signature on `target`, measuring only signatures not in `known`;
     with a MetaSchedule `database`, tuned kernels.
 
     Each distinct kernel is compiled alone and timed in place (backends/context.py): its time is
     its own calls only. The layout transforms around it are kept as samples of their own
     (`layout:<bytes>`), and the cost of a call under CALL_KEY. A conv-free kernel is timed in
-    the layout it has in `a` (`blocked`: True as in a CNN, None as `runs_blocked` says): its
-    4-D inputs arrive NCHW{c}c through `in_blocked_layout`.
+    the layout it has in `a`: the inputs `blocked_reads` names (with `blocked`, all its 4-D
+    inputs, as in a CNN) arrive NCHW{c}c through `in_blocked_layout`.
     """
     from nasc.backends import tvm as tvm_backend
     from nasc.backends.context import measure_in_context
@@ -206,15 +210,14 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     if CALL_KEY not in times:
         times[CALL_KEY] = call_overhead_ms(target)
     groups = kernel_groups(a)
-    todo = {g.signature: g for g in groups if g.signature not in times}
-    if blocked is None and todo:
-        blocked = runs_blocked(a, target)
-    for k, (sig, g) in enumerate(todo.items()):
+    todo = {g.signature: (g, reads) for g, reads in zip(groups, blocked_reads(a, groups, target))
+            if g.signature not in times}
+    for k, (sig, (g, reads)) in enumerate(todo.items()):
         if log:
             log(f"kernel {k + 1}/{len(todo)}: " + "+".join(a.nodes[i].op_type for i in g.nodes))
         alone = group_model(a, g)
-        if blocked and not any(a.nodes[i].op_type == "Conv" for i in g.nodes):
-            alone = in_blocked_layout(alone)
+        if not any(a.nodes[i].op_type == "Conv" for i in g.nodes) and (reads or blocked):
+            alone = in_blocked_layout(alone, None if blocked else reads)
         ga = prepared_analysis(alone)
         doc = measure_in_context(ga, target, database=database)
         times[sig] = float(sum(c["ms"] for c in doc["kernels"]))

@@ -9,8 +9,8 @@ from conftest import prepared, random_feeds
 from nasc import defaults
 from nasc.backends import ort
 from nasc.backends.context import measure_in_context
-from nasc.backends.profile import (CALL_KEY, LAYOUT_PREFIX, calibration_suite, group_model, in_blocked_layout,
-                                   kernel_groups, measure_kernels, prepared_analysis, runs_blocked)
+from nasc.backends.profile import (CALL_KEY, LAYOUT_PREFIX, blocked_reads, calibration_suite, group_model,
+                                   in_blocked_layout, kernel_groups, measure_kernels, prepared_analysis)
 from nasc.backends.targets import resolve_target
 from nasc.cli.profile import main as profile_main
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, predict
@@ -47,28 +47,30 @@ def test_group_models_compute_what_the_graph_computes():
 def test_a_conv_free_kernel_is_timed_in_the_layout_its_cnn_gives_it():
     """A CNN's pools and adds read NCHW{c}c; alone, behind identity convs, they still do, and compute the same."""
     original, a, _ = prepared("resnet8")
-    llvm = resolve_target("llvm")
-    assert runs_blocked(a, llvm) and not runs_blocked(a, resolve_target("cuda"))
+    llvm, groups = resolve_target("llvm"), kernel_groups(a)
+    reads = blocked_reads(a, groups, llvm)
+    assert not any(blocked_reads(a, groups, resolve_target("cuda")))
     feeds = random_feeds(original)
     m = onnx.ModelProto()
     m.CopyFrom(a.model)
     m.graph.output.extend(onnx.helper.make_tensor_value_info(n, 1, list(a.specs[n].shape))
                           for n in a.specs if n not in {x.name for x in m.graph.output} and n not in feeds)
     full = {**feeds, **ort.run(m, feeds)}
-    free = [g for g in kernel_groups(a) if not any(a.nodes[i].op_type == "Conv" for i in g.nodes)
-            and any(len(a.specs[x].shape) == 4 for i in g.nodes for x in a.nodes[i].input if x in a.specs)]
-    assert free
-    for g in free:
-        plain, alone = group_model(a, g), in_blocked_layout(group_model(a, g))
-        assert [n.op_type for n in alone.graph.node][:len(plain.graph.input)] == ["Conv"] * len(plain.graph.input)
+    free = [(g, r) for g, r in zip(groups, reads) if not any(a.nodes[i].op_type == "Conv" for i in g.nodes)]
+    assert any(r for _, r in free) and not reads[0]   # the stem reads the RGB input plain
+    for g, r in free:
+        if not r:
+            continue
+        alone = in_blocked_layout(group_model(a, g), r)
+        assert [n.op_type for n in alone.graph.node][:len(r)] == ["Conv"] * len(r)
         for k, v in ort.run(alone, {x.name: full[x.name] for x in alone.graph.input}).items():
             np.testing.assert_allclose(v, full[k], rtol=1e-5, atol=1e-5)
         doc = measure_in_context(prepared_analysis(alone), llvm)
         assert doc["unmatched"] == [] and doc["kernels"] and all(k["blocked"] for k in doc["kernels"])
         assert any(t["to_blocked"] for t in doc["transforms"])   # the identity conv is a transform, not a kernel
-    # a model without convs runs plain, so its kernels are timed plain (the suite's stand for CNNs')
-    pool = next(m for m in calibration_suite(10) if "pool" in m.doc_string)
-    assert not runs_blocked(prepared_analysis(pool), llvm)
+    # a model without convs runs plain (the calibration suite asks for its kernels blocked, as in a CNN)
+    pool = prepared_analysis(next(m for m in calibration_suite(10) if "pool" in m.doc_string))
+    assert not any(blocked_reads(pool, kernel_groups(pool), llvm))
 
 
 def test_measured_model_uses_kernels_and_call_overhead():
