@@ -161,6 +161,22 @@ def test_concat_of_blocked_and_unblockable_channels_compiles():
     assert not any("conv2d_nchwc" in g.name_hint for g, _ in _scheduled_module(model).functions_items())
 
 
+@pytest.mark.parametrize("sizes", [[16, 32], [16, 16, 16], [8, 40]])
+def test_a_blocked_tensor_split_at_given_sizes_compiles(sizes):
+    """Conv then an ONNX Split with sizes: the convs stay blocked and the parts match ORT."""
+    rng = np.random.default_rng(SEED)
+    parts = [f"p{i}" for i in range(len(sizes))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Split", ["c", "sizes"], parts, axis=1),
+             helper.make_node("Conv", [parts[-1], "w2"], ["d"], kernel_shape=[1, 1]),
+             helper.make_node("Add", [parts[0], "d"], ["y"])]
+    inits = [_const(rng, "w", (48, 16, 3, 3), 0.2), _const(rng, "w2", (sizes[0], sizes[-1], 1, 1), 0.2),
+             numpy_helper.from_array(np.array(sizes, np.int64), "sizes")]
+    model = _model(nodes, {"x": [1, 16, 8, 8]}, "y", inits)
+    _assert_matches_ort(model)
+    assert any("conv2d_nchwc" in g.name_hint for g, _ in _scheduled_module(model).functions_items())
+
+
 @pytest.mark.parametrize("joined", [False, True])
 def test_unblockable_conv_after_blocked_ones_compiles(joined):
     """A conv no block can hold (6 output channels) reading blocked channels, straight from a

@@ -139,6 +139,36 @@ class _RecoverScalarMinMax:
         return relax.transform.DeadCodeElimination()(recoverer.builder_.get())
 
 
+@expr_functor.mutator
+class _SplitSlicer(PyExprMutator):
+    """A split at given indices becomes one strided_slice per part. TVM 0.27's ConvertLayout
+    fails on such a split of a blocked tensor ("DataflowBlock Pass should not rewrite or delete
+    any global-scope Var"): a conv followed by an ONNX Split with sizes did not compile. A split
+    into equal sections converts, and is left as it is."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.split"):
+            return call
+        indices, shape = call.attrs.indices_or_sections, _static_shape(call.args[0])
+        if not hasattr(indices, "__len__") or shape is None:
+            return call
+        axis = int(call.attrs.axis) % len(shape)
+        bounds = [0, *(min(int(i), shape[axis]) for i in indices), shape[axis]]
+        return relax.Tuple([self.builder_.emit(relax.op.strided_slice(call.args[0], axes=[axis], begin=[b], end=[e]))
+                            for b, e in zip(bounds, bounds[1:])])
+
+
+@tvm.transform.module_pass(opt_level=0, name="SplitAsSlices")
+class _SplitAsSlices:
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        slicer = _SplitSlicer(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                slicer.builder_.update_func(gvar, slicer.visit_expr(func))
+        return slicer.builder_.get()
+
+
 def _blocked_layout(layout: str) -> bool:
     return layout.startswith("NCHW") and layout.endswith("c") and len(layout) > len("NCHWc")
 
@@ -440,5 +470,5 @@ def lowering_passes(channel_block: int, matmul_panel: int) -> list[tvm.transform
     # lowering can pack.
     # ConvertLayout gives each reader of a tensor its own layout_transform; CSE keeps one per
     # tensor and layout (a stem read by four branches was transformed four times).
-    return [relax.transform.FoldConstant(), _RecoverScalarMinMax(),
+    return [relax.transform.FoldConstant(), _RecoverScalarMinMax(), _SplitAsSlices(),
             _ConvertConvLayout(channel_block), relax.transform.EliminateCommonSubexpr(), _LowerCpuOps(matmul_panel)]
