@@ -115,14 +115,6 @@ def test_blocked_conv_is_tiled_vectorised_and_parallel():
         assert "T.parallel" in text and "T.vectorized" in text and "_local" in text
 
 
-def test_dense_weight_of_odd_width_is_packed_with_zero_columns():
-    """1001 classes: no panel divides them, so the last panel is padded with zero columns at
-    compile time (not B on every call) and the extra outputs sliced off."""
-    mod = _scheduled_module(_gemm(1, 64, 1001))
-    names = [g.name_hint for g, _ in mod.functions_items()]
-    assert any("matmul_packed" in n for n in names) and not any("pad" in n for n in names), names
-
-
 def test_conv_block_is_one_width_per_model():
     # the widest block dividing every conv that some block divides; a 3-channel stem stays plain
     assert cs.conv_block([(3, 64, 1), (64, 64, 1), (64, 128, 1)], 16) == 16

@@ -129,14 +129,19 @@ class _ScalarMinMaxRecoverer(PyExprMutator):
         return op(call.args[1].fields[ranks[1][1]], call.args[1].fields[ranks[0][1]])
 
 
+def _mutated(mod: tvm.IRModule, make_mutator) -> tvm.IRModule:
+    """`mod` with every Relax function rewritten by one `make_mutator(mod)`."""
+    mutator = make_mutator(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @tvm.transform.module_pass(opt_level=0, name="RecoverScalarMinMax")
 class _RecoverScalarMinMax:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        recoverer = _ScalarMinMaxRecoverer(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                recoverer.builder_.update_func(gvar, recoverer.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(recoverer.builder_.get())
+        return relax.transform.DeadCodeElimination()(_mutated(mod, _ScalarMinMaxRecoverer))
 
 
 @expr_functor.mutator
@@ -162,11 +167,7 @@ class _SplitSlicer(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="SplitAsSlices")
 class _SplitAsSlices:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        slicer = _SplitSlicer(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                slicer.builder_.update_func(gvar, slicer.visit_expr(func))
-        return slicer.builder_.get()
+        return _mutated(mod, _SplitSlicer)
 
 
 def _blocked_layout(layout: str) -> bool:
@@ -280,11 +281,7 @@ class _LowerCpuOps:
         self.panel = panel
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        lowerer = _CpuOpLowerer(mod, self.panel)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                lowerer.builder_.update_func(gvar, lowerer.visit_expr(func))
-        return lowerer.builder_.get()
+        return _mutated(mod, lambda m: _CpuOpLowerer(m, self.panel))
 
 
 def block_fits(block: int, conv: tuple[int, int, int]) -> bool:
