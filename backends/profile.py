@@ -91,46 +91,68 @@ def group_model(a: Analysis, group: KernelGroup) -> ModelProto:
     return m
 
 
-def in_blocked_layout(model: ModelProto, names: set[str] | None = None) -> ModelProto:
-    """`model` with an identity depthwise 1x1 Conv (weights of ones) in front of each 4-D input
-    (of those in `names`, if given).
+def _identity_conv(x: str, y: str, channels: int) -> tuple:
+    """A depthwise 1x1 Conv of ones from x to y, and its weight."""
+    ones = helper.make_tensor(f"{x}.ones", 1, [channels, 1, 1, 1], np.ones(channels, np.float32))
+    return helper.make_node("Conv", [x, ones.name], [y], name=f"{x}.identity", group=channels, kernel_shape=[1, 1]), ones
 
-    A conv-free kernel compiled alone runs in plain NCHW, but in a CNN on a CPU its inputs
-    arrive NCHW{c}c and it runs blocked: 2-10x faster for pools. The identity conv gives the
-    layout pass a conv to block at each input; the CPU lowering turns it into a layout
-    transform (timed as such, apart from the kernel), so the kernel runs as in the CNN."""
+
+def _float_4d(vi) -> list[int] | None:
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return dims if len(dims) == 4 and vi.type.tensor_type.elem_type == 1 and min(dims) > 0 else None
+
+
+def in_blocked_layout(model: ModelProto, names: set[str] | None = None, outputs: bool = False) -> ModelProto:
+    """`model` with an identity depthwise 1x1 Conv (weights of ones) in front of each 4-D input
+    (of those in `names`, if given) and, with `outputs`, after each 4-D output.
+
+    A kernel compiled alone runs in the layout its own convs allow, and a conv-free one or a
+    3-channel stem in plain NCHW. In a CNN on a CPU a pool's inputs arrive NCHW{c}c and a
+    stem writes NCHW{c}c, 1.5-10x faster. An identity conv gives the layout pass a conv to block
+    at each such tensor; the CPU lowering turns it into a layout transform (timed as such,
+    apart from the kernel), so the kernel runs as in the CNN."""
     m = ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    convs = []
+    before, after = [], []
     for vi in g.input:
-        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        if (len(dims) != 4 or vi.type.tensor_type.elem_type != 1 or min(dims) < 1
-                or (names is not None and vi.name not in names)):
+        dims = _float_4d(vi)
+        if dims is None or (names is not None and vi.name not in names):
             continue
-        blocked, ones = f"{vi.name}.blocked", f"{vi.name}.ones"
+        blocked = f"{vi.name}.blocked"
         for node in g.node:
             node.input[:] = [blocked if x == vi.name else x for x in node.input]
-        g.initializer.append(helper.make_tensor(ones, 1, [dims[1], 1, 1, 1], np.ones(dims[1], np.float32)))
-        convs.append(helper.make_node("Conv", [vi.name, ones], [blocked], name=f"{vi.name}.to_blocked",
-                                      group=dims[1], kernel_shape=[1, 1]))
-    nodes = [*convs, *g.node]
+        conv, ones = _identity_conv(vi.name, blocked, dims[1])
+        before.append(conv)
+        g.initializer.append(ones)
+    for vi in g.output if outputs else ():
+        dims = _float_4d(vi)
+        if dims is None:
+            continue
+        computed = f"{vi.name}.computed"
+        for node in g.node:
+            node.output[:] = [computed if y == vi.name else y for y in node.output]
+        conv, ones = _identity_conv(computed, vi.name, dims[1])
+        after.append(conv)
+        g.initializer.append(ones)
+    nodes = [*before, *g.node, *after]
     del g.node[:]
     g.node.extend(nodes)
     return m
 
 
-def blocked_reads(a: Analysis, groups: list[KernelGroup], target) -> list[set[str]]:
-    """For each group, the tensors it reads in NCHW{c}c inside `a` on `target`, as the CPU
-    layout pass places them (search.latency.planned_record); none off a CPU."""
+def planned_layouts(a: Analysis, groups: list[KernelGroup], target) -> list[tuple[set[str], bool]]:
+    """For each group, the tensors it reads in NCHW{c}c inside `a` on `target` and whether it
+    writes NCHW{c}c, as the CPU layout pass places them (search.latency.planned_record);
+    plain everywhere off a CPU."""
     if target.device != "cpu":
-        return [set() for _ in groups]
+        return [(set(), False) for _ in groups]
     from nasc.backends.cpu_schedules import cpu_vector_spec
     from nasc.search.latency import planned_record
 
     plan = planned_record(a, groups, np.zeros(len(groups)), cpu_vector_spec(target.tvm()).channel_block,
                           lambda nbytes: 0.0)
-    return [{x for x, b in k["reads"] if b} for k in plan["kernels"]]
+    return [({x for x, b in k["reads"] if b}, bool(k["blocked"])) for k in plan["kernels"]]
 
 
 def time_model_ms(model: ModelProto, target, executable=None, database=None) -> float:
@@ -199,8 +221,9 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     Each distinct kernel is compiled alone and timed in place (backends/context.py): its time is
     its own calls only. The layout transforms around it are kept as samples of their own
     (`layout:<bytes>`), and the cost of a call under CALL_KEY. A conv-free kernel is timed in
-    the layout it has in `a`: the inputs `blocked_reads` names (with `blocked`, all its 4-D
-    inputs, as in a CNN) arrive NCHW{c}c through `in_blocked_layout`.
+    the layout it has in `a`: the inputs `planned_layouts` names (with `blocked`, all its 4-D
+    inputs, as in a CNN) arrive NCHW{c}c through `in_blocked_layout`; a conv that reads plain
+    and writes blocked there (a stem) writes blocked alone too.
     """
     from nasc.backends import tvm as tvm_backend
     from nasc.backends.context import measure_in_context
@@ -210,13 +233,16 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     if CALL_KEY not in times:
         times[CALL_KEY] = call_overhead_ms(target)
     groups = kernel_groups(a)
-    todo = {g.signature: (g, reads) for g, reads in zip(groups, blocked_reads(a, groups, target))
+    todo = {g.signature: (g, *layouts) for g, layouts in zip(groups, planned_layouts(a, groups, target))
             if g.signature not in times}
-    for k, (sig, (g, reads)) in enumerate(todo.items()):
+    for k, (sig, (g, reads, writes)) in enumerate(todo.items()):
         if log:
             log(f"kernel {k + 1}/{len(todo)}: " + "+".join(a.nodes[i].op_type for i in g.nodes))
         alone = group_model(a, g)
-        if not any(a.nodes[i].op_type == "Conv" for i in g.nodes) and (reads or blocked):
+        if any(a.nodes[i].op_type == "Conv" for i in g.nodes):
+            if (writes or blocked) and not reads:
+                alone = in_blocked_layout(alone, set(), outputs=True)
+        elif reads or blocked:
             alone = in_blocked_layout(alone, None if blocked else reads)
         ga = prepared_analysis(alone)
         doc = measure_in_context(ga, target, database=database)
@@ -245,8 +271,9 @@ def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
 SUITE_SIZE = 160
 # kernel mix of the suite (weights): CNN kernels dominate IoT models
 SUITE_MIX = {"conv": 0.17, "conv-plain": 0.07, "conv1x1": 0.14, "conv1x1-plain": 0.06, "dwconv": 0.2, "matmul": 0.1,
-             "pool": 0.07, "reduce": 0.05, "eltwise": 0.1, "other": 0.04}
+             "pool": 0.07, "reduce": 0.05, "eltwise": 0.1, "other": 0.04, "stem": 0.04}
 SUITE_PIXELS = (7, 14, 28, 56, 112)
+SUITE_STEM_PIXELS = (64, 96, 128, 160, 224)
 SUITE_CHANNELS = (8, 1024)      # log-uniform, multiples of 8
 # keep each sampled kernel under ~10 ms on a small CPU so the suite stays a few minutes
 SUITE_MAX_FLOPS = 4e8
@@ -263,6 +290,11 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
     from nasc.examples.builder import Net
 
     n = Net(f"suite_{kind}", seed)
+    if kind == "stem":  # an RGB image in, read plain and written blocked
+        k, cout, hw = int(rng.choice((3, 3, 7))), int(rng.choice((16, 24, 32, 48, 64))), int(rng.choice(SUITE_STEM_PIXELS))
+        act = str(rng.choice(("relu", "relu6", "none")))
+        return n.build(n.conv(n.input("input", (1, 3, hw, hw)), 3, cout, k, 2, act=None if act == "none" else act),
+                       "suite stem")
     hw = int(rng.choice(SUITE_PIXELS))
     if kind.startswith(("conv", "dwconv")):
         plain, kind = kind.endswith("-plain"), kind.removesuffix("-plain")

@@ -63,17 +63,24 @@ def suite_profile(target, size: int) -> prof.KernelProfile:
     return prof.kernel_profile(doc, str(path))
 
 
-def model_kernels(name: str, a, target) -> dict[str, float]:
-    """The model's own kernels, each compiled and timed alone (cached beside the suite profile)."""
+def model_kernels(name: str, a, target, again: bool = False) -> dict[str, float]:
+    """The model's own kernels, each compiled and timed alone (cached beside the suite profile). With
+    `again`, timed once more and each kept at the faster of the sessions (see model_context)."""
     path = PROFILES / f"{target.name}-t{THREADS}-{name}-kernels.json"
     key = {"format": prof.PROFILE_FORMAT, "target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS,
            "kernels": sorted({g.signature for g in prof.kernel_groups(a)})}
+    cached = None
     if path.exists():
         doc = json.loads(path.read_text())
         if doc.get("key") == key:
-            return doc["times"]
+            cached = doc
+            if not again:
+                return doc["times"]
     times = prof.measure_kernels(a, target, log=_log)
-    path.write_text(json.dumps({"key": key, "times": times}, indent=1))
+    sessions = (cached or {}).get("sessions", 1) + 1 if cached else 1
+    if cached is not None:
+        times = {k: min(v, cached["times"].get(k, v)) for k, v in times.items()}
+    path.write_text(json.dumps({"key": key, "sessions": sessions, "times": times}, indent=1))
     return times
 
 
@@ -174,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     target = resolve_target("llvm")
     t0 = time.perf_counter()
     plans = {name: plan(build_model(name)) for name in args.models}
-    # each model timed in place first, while this process has compiled little
+    # each model timed in place and kernel by kernel first, while this process has compiled little
     for name, p in plans.items():
         model_context(name, p.analysis, target)
+        model_kernels(name, p.analysis, target)
     suite = suite_profile(target, args.suite)
     for name, p in plans.items():  # and once more, minutes later
         model_context(name, p.analysis, target, again=True)
+        model_kernels(name, p.analysis, target, again=True)
     results = []
     for name in args.models:
         print(f"{name}:", flush=True)

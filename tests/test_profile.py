@@ -9,8 +9,8 @@ from conftest import prepared, random_feeds
 from nasc import defaults
 from nasc.backends import ort
 from nasc.backends.context import measure_in_context
-from nasc.backends.profile import (CALL_KEY, LAYOUT_PREFIX, blocked_reads, calibration_suite, group_model,
-                                   in_blocked_layout, kernel_groups, measure_kernels, prepared_analysis)
+from nasc.backends.profile import (CALL_KEY, LAYOUT_PREFIX, calibration_suite, group_model, in_blocked_layout,
+                                   kernel_groups, measure_kernels, planned_layouts, prepared_analysis)
 from nasc.backends.targets import resolve_target
 from nasc.cli.profile import main as profile_main
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, predict
@@ -44,33 +44,37 @@ def test_group_models_compute_what_the_graph_computes():
     assert len(groups) > 10
 
 
-def test_a_conv_free_kernel_is_timed_in_the_layout_its_cnn_gives_it():
-    """A CNN's pools and adds read NCHW{c}c; alone, behind identity convs, they still do, and compute the same."""
+def test_a_kernel_timed_alone_runs_in_the_layout_its_cnn_gives_it():
+    """A CNN's pools and adds read NCHW{c}c and its stem writes it; alone, behind or before identity
+    convs, they still do, and compute the same."""
     original, a, _ = prepared("resnet8")
     llvm, groups = resolve_target("llvm"), kernel_groups(a)
-    reads = blocked_reads(a, groups, llvm)
-    assert not any(blocked_reads(a, groups, resolve_target("cuda")))
+    layouts = planned_layouts(a, groups, llvm)
+    assert not any(r or w for r, w in planned_layouts(a, groups, resolve_target("cuda")))
     feeds = random_feeds(original)
     m = onnx.ModelProto()
     m.CopyFrom(a.model)
     m.graph.output.extend(onnx.helper.make_tensor_value_info(n, 1, list(a.specs[n].shape))
                           for n in a.specs if n not in {x.name for x in m.graph.output} and n not in feeds)
     full = {**feeds, **ort.run(m, feeds)}
-    free = [(g, r) for g, r in zip(groups, reads) if not any(a.nodes[i].op_type == "Conv" for i in g.nodes)]
-    assert any(r for _, r in free) and not reads[0]   # the stem reads the RGB input plain
-    for g, r in free:
-        if not r:
-            continue
-        alone = in_blocked_layout(group_model(a, g), r)
-        assert [n.op_type for n in alone.graph.node][:len(r)] == ["Conv"] * len(r)
+    assert layouts[0] == (set(), True)   # the stem reads the RGB input plain and writes blocked
+    cases = [(g, in_blocked_layout(group_model(a, g), set(), outputs=True)) for g in groups[:1]]
+    cases += [(g, in_blocked_layout(group_model(a, g), r)) for g, (r, _) in zip(groups, layouts)
+              if r and not any(a.nodes[i].op_type == "Conv" for i in g.nodes)]
+    assert len(cases) >= 2
+    for g, alone in cases:
+        added = [n for n in alone.graph.node if n.name.endswith(".identity")]
+        assert added and all(n.op_type == "Conv" for n in added)
         for k, v in ort.run(alone, {x.name: full[x.name] for x in alone.graph.input}).items():
             np.testing.assert_allclose(v, full[k], rtol=1e-5, atol=1e-5)
         doc = measure_in_context(prepared_analysis(alone), llvm)
+        # the identity convs are transforms, not kernels; the kernels read or write blocked as in the CNN
         assert doc["unmatched"] == [] and doc["kernels"] and all(k["blocked"] for k in doc["kernels"])
-        assert any(t["to_blocked"] for t in doc["transforms"])   # the identity conv is a transform, not a kernel
+        assert doc["transforms"]
     # a model without convs runs plain (the calibration suite asks for its kernels blocked, as in a CNN)
-    pool = prepared_analysis(next(m for m in calibration_suite(10) if "pool" in m.doc_string))
-    assert not any(blocked_reads(pool, kernel_groups(pool), llvm))
+    pool = prepared_analysis(next(m for m in calibration_suite(12) if "pool" in m.doc_string))
+    assert not any(r or w for r, w in planned_layouts(pool, kernel_groups(pool), llvm))
+    assert any(m.doc_string == "suite stem" for m in calibration_suite(12))
 
 
 def test_measured_model_uses_kernels_and_call_overhead():
