@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import SMALL, prepared, random_feeds, run_pair, small_model
+from conftest import SMALL, prepared, random_feeds, small_model
 from nasc.backends import ort
 from nasc.backends.cuda import FATBIN_MAGIC
 from nasc.backends.targets import AARCH64_GCC, resolve_target

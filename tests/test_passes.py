@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import prepared, random_feeds, run_pair, small_model
 from nasc.backends import ort
-from nasc.partitioner import SPLIT, analyze, enumerate_cuts, load_model
+from nasc.partitioner import SPLIT, load_model
 from nasc.passes import (dequantize_tail, eliminate_dead_nodes, fold_batchnorm, fold_constants, prepare, quant_params,
                          quantize_head, split_model)
 from nasc.passes.util import get_metadata
