@@ -220,10 +220,10 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
 
     Each distinct kernel is compiled alone and timed in place (backends/context.py): its time is
     its own calls only. The layout transforms around it are kept as samples of their own
-    (`layout:<bytes>`), and the cost of a call under CALL_KEY. A conv-free kernel is timed in
-    the layout it has in `a`: the inputs `planned_layouts` names (with `blocked`, all its 4-D
-    inputs, as in a CNN) arrive NCHW{c}c through `in_blocked_layout`; a conv that reads plain
-    and writes blocked there (a stem) writes blocked alone too.
+    (`layout:<bytes>`), and the cost of a call under CALL_KEY. On a CPU a conv-free kernel is
+    timed in the layout it has in `a`: the inputs `planned_layouts` names (with `blocked`, all
+    its 4-D inputs, as in a CNN) arrive NCHW{c}c through `in_blocked_layout`; a conv that reads
+    plain and writes blocked there (a stem) writes blocked alone too.
     """
     from nasc.backends import tvm as tvm_backend
     from nasc.backends.context import measure_in_context
@@ -233,17 +233,22 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     if CALL_KEY not in times:
         times[CALL_KEY] = call_overhead_ms(target)
     groups = kernel_groups(a)
-    todo = {g.signature: (g, *layouts) for g, layouts in zip(groups, planned_layouts(a, groups, target))
-            if g.signature not in times}
-    for k, (sig, (g, reads, writes)) in enumerate(todo.items()):
+    todo = {g.signature: g for g in groups if g.signature not in times}
+    # (tensors read blocked, writes blocked) per kernel; reads None: every 4-D input, as in a CNN.
+    # Off a CPU everything is plain, and identity convs would be kernels of their own.
+    cpu = target.device == "cpu"
+    as_in_cnn = {sig: (None, True) for sig in todo} if blocked and cpu else (
+        {g.signature: layout for g, layout in zip(groups, planned_layouts(a, groups, target))} if todo and cpu else {})
+    for k, (sig, g) in enumerate(todo.items()):
         if log:
             log(f"kernel {k + 1}/{len(todo)}: " + "+".join(a.nodes[i].op_type for i in g.nodes))
         alone = group_model(a, g)
+        reads, writes = as_in_cnn.get(sig, (set(), False))
         if any(a.nodes[i].op_type == "Conv" for i in g.nodes):
-            if (writes or blocked) and not reads:
+            if writes and not reads:
                 alone = in_blocked_layout(alone, set(), outputs=True)
-        elif reads or blocked:
-            alone = in_blocked_layout(alone, None if blocked else reads)
+        elif reads is None or reads:
+            alone = in_blocked_layout(alone, reads)
         ga = prepared_analysis(alone)
         doc = measure_in_context(ga, target, database=database)
         times[sig] = float(sum(c["ms"] for c in doc["kernels"]))

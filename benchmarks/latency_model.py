@@ -77,8 +77,9 @@ def model_kernels(name: str, a, target, again: bool = False) -> dict[str, float]
             if not again:
                 return doc["times"]
     times = prof.measure_kernels(a, target, log=_log)
-    sessions = (cached or {}).get("sessions", 1) + 1 if cached else 1
+    sessions = 1
     if cached is not None:
+        sessions += cached.get("sessions", 1)
         times = {k: min(v, cached["times"].get(k, v)) for k, v in times.items()}
     path.write_text(json.dumps({"key": key, "sessions": sessions, "times": times}, indent=1))
     return times
