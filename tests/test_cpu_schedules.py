@@ -115,6 +115,17 @@ def test_blocked_conv_is_tiled_vectorised_and_parallel():
         assert "T.parallel" in text and "T.vectorized" in text and "_local" in text
 
 
+@pytest.mark.parametrize("cin, k, packed", [(128, 3, True), (16, 3, False), (256, 1, False)])
+def test_a_conv_weight_larger_than_l1_is_packed_to_stream(cin, k, packed):
+    """A 3x3 conv over 128 channels walks its weight across L1: packed to OIHW{c}i{o}o, the input
+    channels of its inner loop are adjacent (a 6-D weight). A small or 1x1 weight, already read
+    from L1 or in order, keeps OIHW{o}o (5-D)."""
+    model = _conv_block(cin, 32, k, hw=8)
+    _assert_matches_ort(model)
+    ranks = _buffers_of(_scheduled_module(model), "conv2d_nchwc")
+    assert ranks and all((6 in r) == packed for r in ranks), ranks
+
+
 def test_conv_block_is_one_width_per_model():
     # the widest block dividing every conv that some block divides; a 3-channel stem stays plain
     assert cs.conv_block([(3, 64, 1), (64, 64, 1), (64, 128, 1)], 16) == 16
