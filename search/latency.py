@@ -228,7 +228,16 @@ class MeasuredLatencyModel:
         if doc is None:
             return None
         self.coverage[side] = {MEASURED_IN_CONTEXT: len(doc["kernels"])}
-        return ContextTimes(doc, a, derived["groups"])
+        return ContextTimes(doc, a, derived["groups"], self._layout_ms(side))
+
+    def _layout_ms(self, side: str):
+        """Milliseconds of a layout transform moving n bytes, from the profile's predictor (None without one)."""
+        prof = self.profiles[side]
+        if prof.predictor is None:
+            return None
+        from nasc.backends.profile import layout_features
+
+        return lambda nbytes: float(prof.predictor.predict_ms([layout_features(nbytes)])[0])
 
     def _kernel_sum_ms(self, a: Analysis, masks: np.ndarray, side: str) -> np.ndarray:
         """Halves composed like measured ones (ContextTimes) from a planned record of the kernels."""
@@ -236,12 +245,10 @@ class MeasuredLatencyModel:
         groups, ms = self._groups(a, side)
         if prof.predictor is None:  # bare kernel times: their sum, nothing known about layouts or calls
             return self._plain_sum_ms(a, masks, side, groups, ms)
-        from nasc.backends.profile import layout_features
-
-        layout_ms = lambda nbytes: float(prof.predictor.predict_ms([layout_features(nbytes)])[0])  # noqa: E731
+        layout_ms = self._layout_ms(side)
         doc = planned_record(a, groups, ms, _channel_block(prof.target), layout_ms)
         parts = lambda q: self._parts_ms(a, side, q, [_part_signature(a, x) for x in q])[0]  # noqa: E731
-        return ContextTimes(doc, a, groups).half_ms(masks, parts)
+        return ContextTimes(doc, a, groups, layout_ms).half_ms(masks, parts)
 
     def _plain_sum_ms(self, a: Analysis, masks: np.ndarray, side: str, groups, ms: np.ndarray) -> np.ndarray:
         member = np.zeros((len(groups), len(a.nodes)))
@@ -303,13 +310,16 @@ class ContextTimes:
     A half costs the kernels computing its nodes, the layout transforms between them, and one
     transform for each tensor the half receives and some kernel reads blocked, and for each
     blocked tensor it sends. A fused kernel a cut breaks is priced as the two kernels each
-    half then runs (by `parts_ms`, the profile's kernels or predictor).
+    half then runs (by `parts_ms`, the profile's kernels or predictor). A transform the record
+    did not time is priced by `layout_ms(bytes)` (the profile's predictor), else at the record's
+    median rate: a model run blocked end to end times none, and its cut tensors are not free.
     """
 
-    def __init__(self, doc: dict, a: Analysis, groups=None):
+    def __init__(self, doc: dict, a: Analysis, groups=None, layout_ms=None):
         from nasc.backends.profile import kernel_groups
 
         self.a = a
+        self.layout_ms = layout_ms
         self.groups = groups if groups is not None else kernel_groups(a)
         self.group_of = {i: g for g, grp in enumerate(self.groups) for i in grp.nodes}
         node = lambda t: a.producer.get(t, -1) if t is not None else -1  # noqa: E731  (-1: a graph input)
@@ -370,7 +380,10 @@ class ContextTimes:
         return list(units.values())
 
     def _transform_ms(self, t: str) -> float:
-        return self.measured_transform.get(t, self.rate_ms_per_byte * self.a.specs[t].nbytes)
+        if t in self.measured_transform:
+            return self.measured_transform[t]
+        nbytes = self.a.specs[t].nbytes
+        return self.layout_ms(nbytes) if self.layout_ms is not None else self.rate_ms_per_byte * nbytes
 
     def _made(self, here: np.ndarray, t: str) -> bool:
         return t in self.a.producer and bool(here[self.a.producer[t]])

@@ -87,6 +87,24 @@ def test_blocked_tensors_crossing_a_cut_cost_a_transform_each_side():
         assert blocked.half_ms(tail, no_parts)[0] == pytest.approx(expect_tail)
 
 
+def test_a_record_without_transforms_prices_cut_tensors_by_the_layout_model():
+    """A whole model that runs blocked from input to output (a blocked stem, a blocked classifier)
+    times no transform: its record gives no rate, yet the head pays one for its input (read
+    blocked here) and for each tensor it sends."""
+    _, a, cuts = prepared("tiny")
+    doc = _doc(a, True)
+    doc["transforms"] = []
+    no_parts = lambda parts: np.zeros(len(parts))  # noqa: E731
+    layout_ms = lambda nbytes: 1e-6 * nbytes  # noqa: E731
+    free, priced = ContextTimes(doc, a), ContextTimes(doc, a, layout_ms=layout_ms)
+    assert free.rate_ms_per_byte == 0.0
+    outputs = {a.nodes[g.nodes[-1]].output[0] for g in kernel_groups(a)}
+    cut = next(c for c in cuts if c.kind == "split" and set(c.tensors) <= outputs)
+    head = cut.head_mask[None, :]
+    moved = sum(layout_ms(a.specs[t].nbytes) for t in [a.inputs[0], *cut.tensors])
+    assert priced.half_ms(head, no_parts)[0] == pytest.approx(free.half_ms(head, no_parts)[0] + moved)
+
+
 def test_a_profile_with_the_models_context_prices_it_in_place():
     _, a, cuts = prepared("resnet8")
     doc = _doc(a, False, kernel_ms=2.0)
