@@ -47,18 +47,27 @@ def _log(msg: str) -> None:
     print(f"  · {msg}", flush=True)
 
 
-def suite_profile(target, size: int) -> prof.KernelProfile:
-    """The calibration-suite profile of this host (measured once, then reused)."""
+def suite_profile(target, size: int, again: bool = False) -> prof.KernelProfile:
+    """The calibration-suite profile of this host (measured once, then reused). With `again`, timed
+    once more and each kernel kept at the faster of the sessions: one session a neighbour slowed
+    put every class of the suite 5-20% slow, and predicted mode with it."""
     path = PROFILES / f"{target.name}-t{THREADS}-suite{size}.json"
+    cached = None
     if path.exists():
         doc = json.loads(path.read_text())
         if (doc.get("format") == prof.PROFILE_FORMAT and doc.get("target") == target.to_json()
                 and doc.get("host_cpu") == host_cpu() and doc.get("threads") == THREADS):
-            return prof.kernel_profile(doc, str(path))
+            cached = doc
+            if not again:
+                return prof.kernel_profile(doc, str(path))
     PROFILES.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     kernels, features = prof.measure_suite(target, size, log=_log)
-    doc = prof.save_profile(path, target, kernels, features, {"models": [f"calibration-suite:{size}"],
+    sessions = 1
+    if cached is not None:
+        sessions += cached.get("sessions", 1)
+        kernels = {k: min(v, cached["kernels"].get(k, v)) for k, v in kernels.items()}
+    doc = prof.save_profile(path, target, kernels, features, {"models": [f"calibration-suite:{size}"], "sessions": sessions,
                                                              "measure_seconds": round(time.perf_counter() - t0, 1)})
     return prof.kernel_profile(doc, str(path))
 
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, p in plans.items():  # and once more, minutes later
         model_context(name, p.analysis, target, again=True)
         model_kernels(name, p.analysis, target, again=True)
+    suite = suite_profile(target, args.suite, again=True)
     results = []
     for name in args.models:
         print(f"{name}:", flush=True)
