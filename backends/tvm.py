@@ -7,7 +7,9 @@ nasc's default schedules (backends/cpu_schedules.py), so untuned code is close t
 
 from __future__ import annotations
 
+import hashlib
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +20,25 @@ from nasc.backends.targets import Target, require_cross_compiler
 from nasc.errors import UnsupportedOpError
 
 LIBRARY_NAME = "model.so"
+# the modules whose code decides what a compiled half is and how its kernels are timed
+PIPELINE_MODULES = ("nasc.backends.tvm", "nasc.backends.cpu_schedules", "nasc.backends.cpu_rules.lowering",
+                    "nasc.backends.cpu_rules.tir_rules", "nasc.backends.cpu_rules.vector_spec", "nasc.backends.cuda",
+                    "nasc.backends.profile", "nasc.backends.context", "nasc.passes.pad_channels", "nasc.passes.split")
+
+
+@lru_cache(maxsize=None)
+def pipeline_fingerprint() -> str:
+    """A short hash of TVM's version and the source of `PIPELINE_MODULES`: times recorded under
+    another fingerprint were taken of other code (benchmark caches compare it to re-measure)."""
+    import importlib
+    import inspect
+
+    import tvm
+
+    digest = hashlib.sha256(tvm.__version__.encode())
+    for name in PIPELINE_MODULES:
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    return digest.hexdigest()[:16]
 
 
 def supported_ops() -> set[str]:

@@ -76,10 +76,13 @@ def _sha256(model: ModelProto) -> str:
 
 
 def cache_key(p, target) -> dict:
-    """What the times depend on: source and prepared model, target, host CPU and threads."""
+    """What the times depend on: source and prepared model, target, host CPU, threads and the code
+    that compiles and times the halves."""
     from nasc.backends.targets import host_cpu
+    from nasc.backends.tvm import pipeline_fingerprint
 
     return {
+        "pipeline": pipeline_fingerprint(),
         "source_sha256": p.source_sha256,
         "prepared_sha256": _sha256(p.model),
         "target": target.to_json(),

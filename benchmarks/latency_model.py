@@ -34,6 +34,7 @@ from cut_times import MODELS, build_model, cut_id, measure_cut_times  # noqa: E4
 from nasc import defaults  # noqa: E402
 from nasc.backends import profile as prof  # noqa: E402
 from nasc.backends.targets import host_cpu, resolve_target  # noqa: E402
+from nasc.backends.tvm import pipeline_fingerprint  # noqa: E402
 from nasc.compile import plan  # noqa: E402
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, half_ms  # noqa: E402
 
@@ -56,7 +57,8 @@ def suite_profile(target, size: int, again: bool = False) -> prof.KernelProfile:
     if path.exists():
         doc = json.loads(path.read_text())
         if (doc.get("format") == prof.PROFILE_FORMAT and doc.get("target") == target.to_json()
-                and doc.get("host_cpu") == host_cpu() and doc.get("threads") == THREADS):
+                and doc.get("host_cpu") == host_cpu() and doc.get("threads") == THREADS
+                and doc.get("pipeline") == pipeline_fingerprint()):
             cached = doc
             if not again:
                 return prof.kernel_profile(doc, str(path))
@@ -67,7 +69,7 @@ def suite_profile(target, size: int, again: bool = False) -> prof.KernelProfile:
     if cached is not None:
         sessions += cached.get("sessions", 1)
         kernels = {k: min(v, cached["kernels"].get(k, v)) for k, v in kernels.items()}
-    doc = prof.save_profile(path, target, kernels, features, {"models": [f"calibration-suite:{size}"], "sessions": sessions,
+    doc = prof.save_profile(path, target, kernels, features, {"models": [f"calibration-suite:{size}"], "sessions": sessions, "pipeline": pipeline_fingerprint(),
                                                              "measure_seconds": round(time.perf_counter() - t0, 1)})
     return prof.kernel_profile(doc, str(path))
 
@@ -77,7 +79,7 @@ def model_kernels(name: str, a, target, again: bool = False) -> dict[str, float]
     `again`, timed once more and each kept at the faster of the sessions (see model_context)."""
     path = PROFILES / f"{target.name}-t{THREADS}-{name}-kernels.json"
     key = {"format": prof.PROFILE_FORMAT, "target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS,
-           "kernels": sorted({g.signature for g in prof.kernel_groups(a)})}
+           "pipeline": pipeline_fingerprint(), "kernels": sorted({g.signature for g in prof.kernel_groups(a)})}
     cached = None
     if path.exists():
         doc = json.loads(path.read_text())
@@ -101,7 +103,8 @@ def model_context(name: str, a, target, again: bool = False) -> dict:
     from nasc.backends.context import measure_in_context, model_key
 
     path = PROFILES / f"{target.name}-t{THREADS}-{name}-context.json"
-    key = {"target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS, "model": model_key(a.model)}
+    key = {"target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS, "pipeline": pipeline_fingerprint(),
+           "model": model_key(a.model)}
     cached = None
     if path.exists():
         doc = json.loads(path.read_text())

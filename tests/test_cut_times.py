@@ -83,7 +83,12 @@ def test_stale_cache_is_not_reused(measured):
 
     key = ct.cache_key(p, resolve_target("llvm"))
     assert doc["key"] == key and ct.load_cache(measured["cache"], key)
-    for field, value in (("source_sha256", "0" * 64), ("host_cpu", "another-cpu"), ("threads", key["threads"] + 1)):
+    # times taken of other compiler code (another pipeline fingerprint) are stale too
+    from nasc.backends.tvm import pipeline_fingerprint
+
+    assert key["pipeline"] == pipeline_fingerprint() and len(key["pipeline"]) == 16
+    for field, value in (("source_sha256", "0" * 64), ("host_cpu", "another-cpu"), ("threads", key["threads"] + 1),
+                         ("pipeline", "0" * 16)):
         assert ct.load_cache(measured["cache"], {**key, field: value}) == {}
 
 
