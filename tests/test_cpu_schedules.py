@@ -122,8 +122,13 @@ def test_a_conv_weight_larger_than_l1_is_packed_to_stream(cin, k, packed):
     from L1 or in order, keeps OIHW{o}o (5-D)."""
     model = _conv_block(cin, 32, k, hw=8)
     _assert_matches_ort(model)
-    ranks = _buffers_of(_scheduled_module(model), "conv2d_nchwc")
+    mod = _scheduled_module(model)
+    ranks = _buffers_of(mod, "conv2d_nchwc")
     assert ranks and all((6 in r) == packed for r in ranks), ranks
+    # more than one input block: the loop over one block's channels is unrolled
+    block = cs.cpu_vector_spec(HOST).channel_block
+    convs = [f.script() for g, f in mod.functions_items() if "conv2d_nchwc" in g.name_hint]
+    assert all((f"rc_1 in T.unroll(T.int64({block}))" in text) == (cin > block) for text in convs)
 
 
 def test_conv_block_is_one_width_per_model():

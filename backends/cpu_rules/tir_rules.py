@@ -143,6 +143,9 @@ def _schedule_conv_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     if in_channels % c_block == 0 and in_channels > c_block:
         rco, rci = sch.split(rc, [None, c_block])
         sch.reorder(n, coo, oh, owo, rco, ry, rx, rci, coi, owi, ci)
+        # one input block's FMAs in a row, no loop between them: 512-channel 3x3 at 7x7 6% faster at
+        # one thread, 64 at 56x56 2%, ResNet-18 2% (unrolling the kernel window as well was 25% slower)
+        sch.unroll(rci)
     else:
         rco = rc
         sch.reorder(n, coo, oh, owo, rco, ry, rx, coi, owi, ci)
