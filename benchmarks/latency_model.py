@@ -111,13 +111,30 @@ def model_context(name: str, a, target, again: bool = False) -> dict:
         if doc.get("key") == key:
             cached = doc
             if not again:
-                return doc["context"]
+                return rescaled(doc["context"], min(doc["sessions_whole_ms"]))
     doc = measure_in_context(a, target, log=_log)
     sessions = (cached or {}).get("sessions_whole_ms", []) + [doc["whole_ms"]]
     if cached is not None and _calls_ms(cached["context"]) <= _calls_ms(doc):
         doc = cached["context"]
+    # the calls of the least disturbed session, scaled to the fastest whole run of any: DenseNet's
+    # kept calls were once scaled by 1.4 to a whole run of 5.70 ms, where another session ran 4.52
+    doc = rescaled(doc, min(sessions))
     path.write_text(json.dumps({"key": key, "sessions_whole_ms": sessions, "context": doc}, indent=1))
     return doc
+
+
+def rescaled(context: dict, whole_ms: float) -> dict:
+    """An in-place record with its calls scaled (as backends/context.py does, within MAX_SCALE) to a
+    whole run of `whole_ms`: the sessions of a model keep the calls of one and the fastest whole
+    run of all, since either may have caught a slow minute."""
+    from nasc.backends.context import MAX_SCALE
+
+    raw = _calls_ms(context)
+    scale = float(np.clip((whole_ms - context["call_ms"]) / raw, 1.0 / MAX_SCALE, MAX_SCALE)) if raw > 0 else 1.0
+    ratio = scale / context["scale"]
+    return {**context, "whole_ms": whole_ms, "scale": scale,
+            "kernels": [{**k, "ms": k["ms"] * ratio} for k in context["kernels"]],
+            "transforms": [{**t, "ms": t["ms"] * ratio} for t in context["transforms"]]}
 
 
 def _calls_ms(context: dict) -> float:

@@ -137,3 +137,17 @@ def test_runs_writing_one_cache_keep_each_others_cuts(measured, tmp_path):
     assert whole == doc["whole_model"] and set(merged) == set(ids)
     on_disk = json.loads(path.read_text())
     assert on_disk["complete"] and on_disk["cuts"] == doc["cuts"]
+
+
+def test_an_in_place_record_is_rescaled_to_the_fastest_whole_run():
+    """Sessions of one model keep the calls of one and the fastest whole run of all."""
+    lm = _load("latency_model")
+    doc = {"whole_ms": 5.7, "call_ms": 0.0, "scale": 1.4,
+           "kernels": [{"tensor": "a", "ms": 1.4}, {"tensor": "b", "ms": 2.8}],
+           "transforms": [{"tensor": "a", "ms": 1.4}]}       # raw calls: 1 + 2 + 1 = 4 ms
+    out = lm.rescaled(doc, 4.4)
+    assert out["scale"] == pytest.approx(1.1) and out["whole_ms"] == 4.4
+    assert [k["ms"] for k in out["kernels"]] == pytest.approx([1.1, 2.2])
+    assert sum(c["ms"] for c in [*out["kernels"], *out["transforms"]]) == pytest.approx(4.4)
+    assert lm.rescaled(out, 4.4)["kernels"] == out["kernels"]   # idempotent
+    assert doc["scale"] == 1.4 and doc["kernels"][0]["ms"] == 1.4  # the input is left as it was
