@@ -101,6 +101,12 @@ def _timed_calls(vm, args, n_calls: int, runs: int = TIMED_RUNS, sync: Callable[
     return best
 
 
+def call_scale(whole_ms: float, calls_ms: float) -> float:
+    """The factor that makes calls summing to `calls_ms` add up to a whole run of `whole_ms`
+    (call overhead excluded), never more than MAX_SCALE either way."""
+    return float(np.clip(whole_ms / calls_ms, 1.0 / MAX_SCALE, MAX_SCALE)) if calls_ms > 0 else 1.0
+
+
 @lru_cache(maxsize=None)
 def _instrument_bias_s(target) -> float:
     """What the timing instrument itself adds to one call: a one-element kernel timed the same way."""
@@ -191,7 +197,7 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     # Calls are scaled to the whole run. Normally they sum to less (dispatch between them); on a
     # GPU the whole run also overlaps each launch with the kernel before it, and on a CPU both
     # sessions of calls may have run slow, so they may scale down as well.
-    scale = float(np.clip((whole_ms - call_ms) / raw.sum(), 1.0 / MAX_SCALE, MAX_SCALE)) if raw.sum() > 0 else 1.0
+    scale = call_scale(whole_ms - call_ms, float(raw.sum()))
     kernels, transforms, pending = [], [], []
     for c, ms in zip(calls, raw * scale):
         if TRANSFORM in c["symbol"]:

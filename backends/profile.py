@@ -236,9 +236,12 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     todo = {g.signature: g for g in groups if g.signature not in times}
     # (tensors read blocked, writes blocked) per kernel; reads None: every 4-D input, as in a CNN.
     # Off a CPU everything is plain, and identity convs would be kernels of their own.
-    cpu = target.device == "cpu"
-    as_in_cnn = {sig: (None, True) for sig in todo} if blocked and cpu else (
-        {g.signature: layout for g, layout in zip(groups, planned_layouts(a, groups, target))} if todo and cpu else {})
+    if target.device != "cpu" or not todo:
+        as_in_cnn = {}
+    elif blocked:
+        as_in_cnn = {sig: (None, True) for sig in todo}
+    else:
+        as_in_cnn = {g.signature: layout for g, layout in zip(groups, planned_layouts(a, groups, target))}
     for k, (sig, g) in enumerate(todo.items()):
         if log:
             log(f"kernel {k + 1}/{len(todo)}: " + "+".join(a.nodes[i].op_type for i in g.nodes))

@@ -48,6 +48,14 @@ def _log(msg: str) -> None:
     print(f"  · {msg}", flush=True)
 
 
+def _faster_of_sessions(times: dict[str, float], cached: dict | None, field: str) -> tuple[dict[str, float], int]:
+    """This session's kernel times, each kept at the faster of it and the cached sessions' (under
+    `field` of `cached`), and how many sessions that makes."""
+    if cached is None:
+        return times, 1
+    return {k: min(v, cached[field].get(k, v)) for k, v in times.items()}, cached.get("sessions", 1) + 1
+
+
 def suite_profile(target, size: int, again: bool = False) -> prof.KernelProfile:
     """The calibration-suite profile of this host (measured once, then reused). With `again`, timed
     once more and each kernel kept at the faster of the sessions: one session a neighbour slowed
@@ -65,10 +73,7 @@ def suite_profile(target, size: int, again: bool = False) -> prof.KernelProfile:
     PROFILES.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     kernels, features = prof.measure_suite(target, size, log=_log)
-    sessions = 1
-    if cached is not None:
-        sessions += cached.get("sessions", 1)
-        kernels = {k: min(v, cached["kernels"].get(k, v)) for k, v in kernels.items()}
+    kernels, sessions = _faster_of_sessions(kernels, cached, "kernels")
     doc = prof.save_profile(path, target, kernels, features, {"models": [f"calibration-suite:{size}"], "sessions": sessions, "pipeline": pipeline_fingerprint(),
                                                              "measure_seconds": round(time.perf_counter() - t0, 1)})
     return prof.kernel_profile(doc, str(path))
@@ -88,10 +93,7 @@ def model_kernels(name: str, a, target, again: bool = False) -> dict[str, float]
             if not again:
                 return doc["times"]
     times = prof.measure_kernels(a, target, log=_log)
-    sessions = 1
-    if cached is not None:
-        sessions += cached.get("sessions", 1)
-        times = {k: min(v, cached["times"].get(k, v)) for k, v in times.items()}
+    times, sessions = _faster_of_sessions(times, cached, "times")
     path.write_text(json.dumps({"key": key, "sessions": sessions, "times": times}, indent=1))
     return times
 
@@ -124,13 +126,12 @@ def model_context(name: str, a, target, again: bool = False) -> dict:
 
 
 def rescaled(context: dict, whole_ms: float) -> dict:
-    """An in-place record with its calls scaled (as backends/context.py does, within MAX_SCALE) to a
-    whole run of `whole_ms`: the sessions of a model keep the calls of one and the fastest whole
-    run of all, since either may have caught a slow minute."""
-    from nasc.backends.context import MAX_SCALE
+    """An in-place record with its calls scaled (as backends/context.py scales them) to a whole run
+    of `whole_ms`: the sessions of a model keep the calls of one and the fastest whole run of all,
+    since either may have caught a slow minute."""
+    from nasc.backends.context import call_scale
 
-    raw = _calls_ms(context)
-    scale = float(np.clip((whole_ms - context["call_ms"]) / raw, 1.0 / MAX_SCALE, MAX_SCALE)) if raw > 0 else 1.0
+    scale = call_scale(whole_ms - context["call_ms"], _calls_ms(context))
     ratio = scale / context["scale"]
     return {**context, "whole_ms": whole_ms, "scale": scale,
             "kernels": [{**k, "ms": k["ms"] * ratio} for k in context["kernels"]],
