@@ -54,10 +54,10 @@ def test_one_time_per_half_of_every_cut(measured):
         assert (r["head_compile_s"] > 0) == has_head and (r["tail_compile_s"] > 0) == has_tail
         assert r["head_max_abs_err_vs_ort"] <= defaults.VERIFY_TVM_ATOL * 10
         assert r["tail_max_abs_err_vs_ort"] <= defaults.VERIFY_TVM_ATOL * 10
-        # each half timed in two sessions, the faster kept
+        # each half timed in several sessions, the fastest kept
         for role, has in (("head", has_head), ("tail", has_tail)):
             if has:
-                assert len(r[f"{role}_ms_sessions"]) == 2 and r[f"{role}_ms"] == min(r[f"{role}_ms_sessions"])
+                assert len(r[f"{role}_ms_sessions"]) == 1 + _load("cut_times").AGAIN_SESSIONS and r[f"{role}_ms"] == min(r[f"{role}_ms_sessions"])
     assert doc["whole_model"]["ms"] == min(doc["whole_model"]["ms_sessions"]) > 0
     assert doc["server_stand_in"] == "host llvm"
 
