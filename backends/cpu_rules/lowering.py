@@ -17,6 +17,7 @@ CONV_BLOCK_NAME = "nasc_conv2d_nchwc"
 MIN_CONV_BLOCK = 4
 MATMUL_BLOCK_NAME = "nasc_matmul_packed"
 TO_BLOCKED_NAME = "nasc_to_blocked"
+TO_PLAIN_NAME = "nasc_to_plain"
 # A conv weight slice (one output block) up to this size is read from L1 (32-48 KB on current x86
 # and Arm cores) in any order; larger ones are packed so that they stream (`_packs_weight`).
 PACKED_WEIGHT_MIN_BYTES = 32 * 1024
@@ -75,6 +76,20 @@ def nchw_to_nchwc(data: te.Tensor, block: int) -> te.Tensor:
                       name=TO_BLOCKED_NAME)
 
 
+def nchwc_to_nchw(data: te.Tensor) -> te.Tensor:
+    """NCHW{block}c -> NCHW, computed over the output, to be tiled as a transpose (tir_rules)."""
+    n, chunks, h, w, block = data.shape
+    return te.compute((n, chunks * block, h, w), lambda b, c, y, x: data[b, c // block, y, x, c % block],
+                      name=TO_PLAIN_NAME)
+
+
+def _mapped(call: relax.Call, index: list[int]) -> list[int]:
+    """Where a layout_transform's index map sends one index."""
+    analyzer = Analyzer()
+    return [int(analyzer.simplify(tirx.const(v, "int64") if isinstance(v, int) else v))
+            for v in call.attrs.index_map.map_indices([tirx.const(v, "int64") for v in index])]
+
+
 def _to_blocked_block(call: relax.Call) -> int | None:
     """The block of a layout_transform NCHW -> NCHW{block}c with static shapes, else None."""
     shape, out = _static_shape(call.args[0]), _static_shape(call)
@@ -84,14 +99,21 @@ def _to_blocked_block(call: relax.Call) -> int | None:
     if out != [shape[0], shape[1] // block, shape[2], shape[3], block] or shape[1] % block:
         return None
     probes = [[0, 0, 0, 0], [1, block + 3, 2, 5], [0, 2 * block - 1, 7, 1]]
-    analyzer = Analyzer()
-    for probe in probes:
-        got = [int(analyzer.simplify(tirx.const(v, "int64") if isinstance(v, int) else v))
-               for v in call.attrs.index_map.map_indices([tirx.const(v, "int64") for v in probe])]
-        n, c, h, w = probe
-        if got != [n, c // block, h, w, c % block]:
-            return None
+    if any(_mapped(call, [n, c, h, w]) != [n, c // block, h, w, c % block] for n, c, h, w in probes):
+        return None
     return block
+
+
+def _is_to_plain(call: relax.Call) -> bool:
+    """Whether `call` is a layout_transform NCHW{c}c -> NCHW with static shapes."""
+    shape, out = _static_shape(call.args[0]), _static_shape(call)
+    if shape is None or out is None or len(shape) != 5 or len(out) != 4 or call.attrs.pad_value is not None:
+        return False
+    block = shape[4]
+    if out != [shape[0], shape[1] * block, shape[2], shape[3]]:
+        return False
+    probes = [[0, 0, 0, 0, 0], [1, 2, 3, 4, block - 1], [0, 1, 7, 1, block // 2]]
+    return all(_mapped(call, [n, co, h, w, ci]) == [n, co * block + ci, h, w] for n, co, h, w, ci in probes)
 
 
 def _scalar_min_max(func: tirx.PrimFunc):
@@ -235,6 +257,8 @@ class _CpuOpLowerer(PyExprMutator):
             block = _to_blocked_block(call)
             if block:
                 return self.builder_.call_te(nchw_to_nchwc, call.args[0], block, primfunc_name_hint="layout_transform_to_blocked")
+            if _is_to_plain(call):
+                return self.builder_.call_te(nchwc_to_nchw, call.args[0], primfunc_name_hint="layout_transform_to_plain")
         return call
 
     def _conv2d(self, call: relax.Call) -> relax.Expr:
