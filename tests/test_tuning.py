@@ -107,7 +107,9 @@ def test_tuning_starts_from_the_default_schedules(tuned_db, llvm):
             got = relax.transform.MetaScheduleApplyDatabase()(tuning.fused_module(model, llvm))
         replays_default.append(all(tvm_ffi.structural_equal(f, want[gv.name_hint]) for gv, f in got.functions_items()
                                    if isinstance(f, tirx.PrimFunc)))
-    assert replays_default.count(True) == 1, "exactly one record is the pipeline's default schedule"
+    # the default is committed before the search; the search may draw the same schedule again (it
+    # did once in a fresh clone's run, a trial spent twice), so at least one record replays it
+    assert replays_default.count(True) >= 1, "a record is the pipeline's default schedule"
 
 
 def test_a_kernel_with_only_its_default_record_counts_as_untuned(tuned_db, llvm, tmp_path):
