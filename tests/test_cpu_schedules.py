@@ -263,7 +263,7 @@ def test_a_received_tensor_is_blocked_once_and_its_readers_follow():
     assert sum("layout_transform" in n for n in names) == 2, names
 
 
-def _transpose_tile(in_shape, index_map, data, want, name: str) -> int:
+def _transpose_tile(in_shape, index_map, data, want, name: str) -> tuple[int, int]:
     """Compiles a lone layout_transform with the CPU pipeline, checks it moves `data` to `want`,
     and that its block `name` runs in tiles, both tile loops unrolled and an outer one parallel;
     returns (pixels, channels) per tile."""
