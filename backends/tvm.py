@@ -238,7 +238,13 @@ class Runner:
         args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
         out = self.vm["main"](*args)
         outs = [out] if len(self.output_names) == 1 and hasattr(out, "numpy") else list(out)
-        return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+        if self.dev.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+        # Host results are handed over, not copied: each call's outputs are fresh tensors (a
+        # function's results are never planned into storage a later call reuses), and a copy into
+        # a fresh numpy array cost more than the kernels (Inception's head at its 33rd cut: four
+        # 800 KB outputs, 1.2 ms of kernels, 1.4 ms more in .numpy()).
+        return {n: np.from_dlpack(o) for n, o in zip(self.output_names, outs)}
 
 
 def load_library(path: Path):

@@ -162,3 +162,23 @@ def run_pair_tvm(runners, feeds):
     h, t = runners
     mid = h(feeds)
     return {**mid, **t({**feeds, **mid})}
+
+
+def test_runner_results_outlive_the_next_call():
+    """A TVM Runner hands host results over without a copy: one call's results keep their values
+    through later calls, for every output of a multi-output head."""
+    original, a, cuts = prepared("resnet8")
+    cut = max((c for c in cuts if c.kind == SPLIT), key=lambda c: len(c.tensors))
+    head, _ = split_model(a, cut)
+    names_in, names_out = [i.name for i in head.graph.input], [o.name for o in head.graph.output]
+    run = Runner(tvm_compile(head, resolve_target("llvm")), "cpu", names_in, names_out)
+    first_feeds, second_feeds = random_feeds(head, 1), random_feeds(head, 2)
+    first = run(first_feeds)
+    kept = {k: v.copy() for k, v in first.items()}
+    second = run(second_feeds)
+    assert len(names_out) > 1
+    for k in names_out:
+        assert np.array_equal(first[k], kept[k]), k
+        assert not np.array_equal(first[k], second[k]), k
+        want = ort.run(head, first_feeds)[k]
+        assert np.abs(first[k] - want).max() <= 1e-3 * max(1.0, np.abs(want).max()), k
