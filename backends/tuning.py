@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,9 @@ COST_MODEL = "xgb"
 # 2 cores, which dwarfs the measurement when only a few trials per kernel are wanted.
 POPULATION_PER_TRIAL = 16
 POPULATION_MIN, POPULATION_MAX = 64, 512
+# Rounds in a row that bring only schedules the database holds before a kernel's search counts
+# as exhausted (each round is a fresh evolution; the search never repeats what it sent).
+KNOWN_ROUNDS_BEFORE_EXHAUSTED = 3
 LAST_PASS_BEFORE_SCHEDULING = "fuse-tir"  # tuning tasks and the database see the fused PrimFuncs
 # MetaSchedule's CUDA rules read these per-block limits from the target; they hold for every
 # NVIDIA GPU since sm_50 (the compile target leaves them to TVM's defaults).
@@ -600,8 +604,80 @@ def _search_strategy(trials: int):
     from tvm.s_tir import meta_schedule as ms
 
     population = min(POPULATION_MAX, max(POPULATION_MIN, POPULATION_PER_TRIAL * trials))
-    return ms.search_strategy.EvolutionarySearch(population_size=population,
-                                                 init_min_unmeasured=min(population // 2, 50))
+    return _skipping_known()(ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                                   init_min_unmeasured=min(population // 2, 50)))
+
+
+def _scheduled_modules(db, mod) -> list:
+    """The scheduled modules of every record `db` holds for workload `mod` (failed runs included)."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    found = []
+    for rec in db.get_all_tuning_records():
+        if not tvm_ffi.structural_equal(rec.workload.mod, mod):
+            continue
+        sch = s_tir.Schedule(mod)
+        try:
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception:  # noqa: BLE001 - a record that no longer replays cannot be drawn again either
+            continue
+        found.append(sch.mod)
+    return found
+
+
+@lru_cache(maxsize=None)
+def _skipping_known():
+    """A search strategy class wrapping EvolutionarySearch that never sends a schedule the database
+    already holds for the kernel: the search seeds its population with the database's best (the
+    committed default schedule, or a resumed run's records) and, knowing only this run's own
+    measurements, drew them again, spending trials on times already known."""
+    import tvm_ffi
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class _SkipKnown(ms.search_strategy.PySearchStrategy):
+        def __init__(self, inner):
+            self.inner = inner
+            self.known: dict[int, list] = {}
+
+        def _initialize_with_tune_context(self, context) -> None:
+            self.inner._initialize_with_tune_context(context)
+            self.mod = context.mod
+
+        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+            self.known = {}
+            for m in _scheduled_modules(database, self.mod) if database is not None else []:
+                self.known.setdefault(tvm_ffi.structural_hash(m), []).append(m)
+            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+        def post_tuning(self) -> None:
+            self.inner.post_tuning()
+
+        def _is_known(self, mod) -> bool:
+            return any(tvm_ffi.structural_equal(mod, m) for m in self.known.get(tvm_ffi.structural_hash(mod), []))
+
+        def generate_measure_candidates(self):
+            # A round of nothing but known schedules is asked again: an empty round would read as
+            # an exhausted search space. The inner search never repeats a candidate it sent.
+            for _ in range(KNOWN_ROUNDS_BEFORE_EXHAUSTED):
+                candidates = self.inner.generate_measure_candidates()
+                if candidates is None:
+                    return None
+                fresh = [c for c in candidates if not self._is_known(c.sch.mod)]
+                if fresh or not candidates:
+                    return fresh
+                self.inner.notify_runner_results([], [])
+            return []
+
+        def notify_runner_results(self, measure_candidates, results) -> None:
+            self.inner.notify_runner_results(measure_candidates, results)
+
+        def clone(self):
+            return _SkipKnown(self.inner.clone())
+
+    return _SkipKnown
 
 
 def _quiet_loggers() -> None:

@@ -88,9 +88,8 @@ def test_tuning_starts_from_the_default_schedules(tuned_db, llvm):
     """Each kernel's default schedule is measured and committed first: the search starts from it and the
     DB's best is never slower than the untuned kernel."""
     import tvm_ffi
-    from tvm import relax, tirx
+    from tvm import tirx
     from tvm.s_tir import dlight as dl
-    from tvm.s_tir import meta_schedule as ms
 
     from nasc.backends.tvm import default_schedule_rules
 
@@ -99,17 +98,47 @@ def test_tuning_starts_from_the_default_schedules(tuned_db, llvm):
     with llvm.tvm():   # passes may update a module in place: each gets its own
         want = dl.ApplyDefaultSchedule(*default_schedule_rules(llvm))(tuning.fused_module(model, llvm))
     replays_default = []
+    for got in _replayed_records(db, model, llvm):
+        replays_default.append(all(tvm_ffi.structural_equal(f, want[gv.name_hint]) for gv, f in got.functions_items()
+                                   if isinstance(f, tirx.PrimFunc)))
+    # the default is committed before the search, which never sends a schedule the DB holds
+    assert replays_default.count(True) == 1, "one record is the pipeline's default schedule"
+
+
+def _replayed_records(db, model, llvm) -> list:
+    """`model`'s fused module compiled with each record of `db` alone, one module per record."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    out = []
     for rec in tuning.open_database(db, llvm).get_all_tuning_records():
         one = ms.database.MemoryDatabase()
         one.commit_tuning_record(ms.database.TuningRecord(rec.trace, one.commit_workload(rec.workload.mod),
                                                           rec.run_secs, rec.target, rec.args_info))
         with llvm.tvm(), one:
-            got = relax.transform.MetaScheduleApplyDatabase()(tuning.fused_module(model, llvm))
-        replays_default.append(all(tvm_ffi.structural_equal(f, want[gv.name_hint]) for gv, f in got.functions_items()
-                                   if isinstance(f, tirx.PrimFunc)))
-    # the default is committed before the search; the search may draw the same schedule again (it
-    # did once in a fresh clone's run, a trial spent twice), so at least one record replays it
-    assert replays_default.count(True) >= 1, "a record is the pipeline's default schedule"
+            out.append(relax.transform.MetaScheduleApplyDatabase()(tuning.fused_module(model, llvm)))
+    return out
+
+
+def test_no_schedule_is_measured_twice(tmp_path, llvm):
+    """An elementwise kernel has a handful of schedules: the first run measures those its default
+    is not, and a second run asking for more finds only schedules the DB holds and measures none
+    (the search seeds its population with the DB's records and used to measure them again)."""
+    import tvm_ffi
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 8, 8])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "x"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "relu_add", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    first = tuning.tune(model, llvm, tmp_path, trials=8)
+    again = tuning.tune(model, llvm, tmp_path, trials=16)
+    assert len(first.kernels) == 1 and first.trials_measured >= 1
+    assert again.trials_measured == 0 and again.stopped == "done"
+    modules = _replayed_records(tmp_path, model, llvm)
+    assert len(modules) == 1 + first.trials_measured   # and the default schedule
+    for i, a in enumerate(modules):
+        assert not any(tvm_ffi.structural_equal(a, b) for b in modules[i + 1:]), f"record {i} was measured twice"
 
 
 def test_a_kernel_with_only_its_default_record_counts_as_untuned(tuned_db, llvm, tmp_path):
