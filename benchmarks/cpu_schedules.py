@@ -4,7 +4,9 @@ nasc compiles the graph its CPU pipeline would (conv channels padded where that 
 backends.cpu_schedules.pad_for_cpu); TVM's default pipeline and ORT run the graph as it is.
 
 Whole CNNs (ResNet-18, MobileNetV2, Inception style, after nasc's prepare passes, as nasc
-compiles them) and one model per kernel class, all on the same 2 threads in one run; prints ORT_ms/nasc_ms and writes results/cpu_schedules.json.
+compiles them), their heads at three cuts (compiled and run as a device runs a shipped head:
+numpy in, numpy out) and one model per kernel class, all on the same 2 threads in one run;
+prints ORT_ms/nasc_ms and writes results/cpu_schedules.json.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
+from nasc.backends import tvm as tvm_backend  # noqa: E402
 from nasc.backends.cpu_schedules import cpu_vector_spec, pad_for_cpu, scheduled_cpu_pipeline  # noqa: E402
+from nasc.backends.targets import resolve_target  # noqa: E402
 from nasc.compile import plan  # noqa: E402
 from nasc.examples import build  # noqa: E402
 from nasc.examples.builder import OPSET  # noqa: E402
-from nasc.partitioner import DEVICE_ONLY  # noqa: E402
+from nasc.partitioner import DEVICE_ONLY, SPLIT  # noqa: E402
+from nasc.passes import split_model  # noqa: E402
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph nasc compiles (after its prepare passes, e.g. BatchNorm folded); ORT runs it too."""
@@ -53,6 +58,8 @@ MORE_MODELS = {
     "densenet": lambda: _prepared(build("densenet", resolution=IMAGE_PX, classes=1000)),
     "shufflenet": lambda: _prepared(build("shufflenet", resolution=IMAGE_PX, classes=1000)),
 }
+
+HEAD_FRACTIONS = (0.25, 0.5, 0.75)   # heads at cuts this far through the model's split cuts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_schedules.json"
 SEED = 0
@@ -155,6 +162,39 @@ def paired_ratio(base: list[float], nasc: list[float]) -> float:
     return statistics.median(b / n for b, n in zip(base, nasc))
 
 
+def heads(model: onnx.ModelProto) -> list[tuple[str, onnx.ModelProto]]:
+    """[(f"head@{cut}", head)] at HEAD_FRACTIONS of the way through `model`'s split cuts."""
+    p = plan(model, split=DEVICE_ONLY)
+    splits = [c for c in p.cuts if c.kind == SPLIT]
+    picked = sorted({splits[int(f * (len(splits) - 1))].index for f in HEAD_FRACTIONS})
+    return [(f"head@{i}", split_model(p.analysis, next(c for c in splits if c.index == i))[0]) for i in picked]
+
+
+def measure_head(name: str, head: onnx.ModelProto, repeats: int) -> Row:
+    """A head compiled by nasc-compile's backend and run by its Runner, numpy in and out as a
+    device runs it, against ORT's session.run on the same graph; every output is checked."""
+    feeds = _feeds(head)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(head.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outs = [o.name for o in head.graph.output]
+    expected = dict(zip(outs, session.run(outs, feeds)))
+    start = time.perf_counter()
+    runner = tvm_backend.Runner(tvm_backend.compile_model(head, resolve_target("llvm"), name), "cpu",
+                                [i.name for i in head.graph.input], outs)
+    compile_s = time.perf_counter() - start
+    got = runner(feeds)
+    err = max(float(np.abs(got[n] - expected[n]).max()) for n in outs)
+    samples: dict[str, list[float]] = {"ort": [], "nasc": []}
+    for _ in range(repeats):
+        samples["ort"].append(sample_ms(lambda: session.run(outs, feeds)))
+        samples["nasc"].append(sample_ms(lambda: runner(feeds)))
+    return Row(name, round(min(samples["ort"]), 3), None, round(min(samples["nasc"]), 3),
+               round(paired_ratio(samples["ort"], samples["nasc"]), 3), None,
+               round(statistics.median(samples["ort"]), 3), round(statistics.median(samples["nasc"]), 3),
+               err, round(compile_s, 1), None)
+
+
 def _tvm_runner(model: onnx.ModelProto, pipeline, target, feeds):
     start = time.perf_counter()
     ex = tvm.compile(from_onnx(model, keep_params_in_input=False), target=target,
@@ -224,15 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in cases.items():
         if args.only and name not in args.only:
             continue
-        row = measure(name, make(), not args.no_default, args.repeats)
-        rows.append(row)
-        default = f"{row.tvm_default_ms:11.1f}" if row.tvm_default_ms else f"{'-':>11s}"
-        speedup = f"{row.default_over_nasc:13.1f}" if row.default_over_nasc else f"{'-':>13s}"
-        print(f"{name:32s} {row.ort_ms:9.2f} {default} {row.nasc_ms:9.2f} "
-              f"{row.ort_over_nasc:9.2f} {speedup} {row.max_abs_err_vs_ort:9.1e}", flush=True)
+        model = make()
+        measured = [measure(name, model, not args.no_default, args.repeats)]
+        if name in MODELS:
+            measured += [measure_head(f"{name} {label}", head, args.repeats) for label, head in heads(model)]
+        for row in measured:
+            rows.append(row)
+            _print(row)
     _write_json(rows, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _print(row: Row) -> None:
+    default = f"{row.tvm_default_ms:11.1f}" if row.tvm_default_ms else f"{'-':>11s}"
+    speedup = f"{row.default_over_nasc:13.1f}" if row.default_over_nasc else f"{'-':>13s}"
+    print(f"{row.name:32s} {row.ort_ms:9.2f} {default} {row.nasc_ms:9.2f} "
+          f"{row.ort_over_nasc:9.2f} {speedup} {row.max_abs_err_vs_ort:9.1e}", flush=True)
 
 
 if __name__ == "__main__":

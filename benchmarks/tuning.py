@@ -29,29 +29,25 @@ from nasc.backends import tuning  # noqa: E402
 from nasc.backends import tvm as tvm_backend  # noqa: E402
 from nasc.backends.targets import resolve_target  # noqa: E402
 from nasc.compile import plan, sample_inputs  # noqa: E402
-from nasc.partitioner import DEVICE_ONLY, SPLIT  # noqa: E402
+from nasc.partitioner import DEVICE_ONLY  # noqa: E402
 from nasc.passes import split_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_schedules import IMAGE_PX, MODELS, paired_ratio, sample_ms, write_json  # noqa: E402
+from cpu_schedules import IMAGE_PX, MODELS, heads, paired_ratio, sample_ms, write_json  # noqa: E402
 
 BUDGET_S = 600.0              # tuning time per model; the goal allows 20 minutes
 TRIALS_PER_KERNEL = 64        # more than the budget reaches: the budget ends each run
 TIME_SHARE = 0.9              # search the kernels making up 90% of the measured default time
-HEAD_FRACTIONS = (0.25, 0.5, 0.75)   # heads at cuts this far through the model's split cuts
 ROUNDS = 7
 ATOL = 1e-3
 RESULTS = Path(__file__).resolve().parent / "results" / "tuning.json"
 
 
 def _graphs(model) -> tuple:
-    """(prepared whole model, [(label, graph)]): the whole model for ORT, and heads at HEAD_FRACTIONS."""
+    """(prepared whole model, [(label, graph)]): the whole model for ORT, and heads at cpu_schedules.HEAD_FRACTIONS."""
     p = plan(model, split=DEVICE_ONLY)
     whole, _ = split_model(p.analysis, p.cut)
-    splits = [c for c in p.cuts if c.kind == SPLIT]
-    picked = sorted({splits[int(f * (len(splits) - 1))].index for f in HEAD_FRACTIONS})
-    heads = [(f"head@{i}", split_model(p.analysis, next(c for c in splits if c.index == i))[0]) for i in picked]
-    return whole, [("whole", whole)] + heads
+    return whole, [("whole", whole)] + heads(model)
 
 
 def _runners(graph, target, db, feeds):
