@@ -476,8 +476,8 @@ def tune(
     that, largest first by measured default time x uses, make up that share of the model's time
     are searched; the others keep their default schedules (`deferred`) and a later run with a
     larger share takes them up. Records are committed as they are measured, so an interruption
-    (Ctrl-C, a time budget) keeps them; a later run resumes with the kernels still short of
-    their trials.
+    (Ctrl-C, a time budget) keeps them. `trials` is a total per kernel: a later run gives each
+    kernel still short of it the trials it lacks.
     """
     import tempfile
 
@@ -523,16 +523,18 @@ def tune(
         todo, deferred = _focus(todo, [tasks[i].weight for i in range(len(tasks))],
                                 [index[k].get("default_s") for k in keys], time_share)
         measured = {keys[i]: 0 for i in todo}
+        # `trials` is a total per kernel: a kernel searched before, or cut short, gets the rest
+        wanted = {keys[i]: max(1, trials - index[keys[i]]["trials"]) for i in todo}
         work_dir = tempfile.mkdtemp(prefix="nasc-tune-logs-")
         contexts = [
             ms.TuneContext(mod=tasks[i].dispatched[0], target=ttarget, space_generator="post-order-apply",
-                           search_strategy=_search_strategy(trials), task_name=tasks[i].task_name,
+                           search_strategy=_search_strategy(trials, wanted[keys[i]]), task_name=tasks[i].task_name,
                            logger=ms.logging.get_logger(f"nasc.tune.{i}"), rand_state=seed + i,
                            num_threads=_physical_cores()).clone()
             for i in todo
         ]
         _quiet_loggers()
-        total = trials * len(todo)
+        total = sum(wanted.values())
 
         @derived_object
         class _Progress(ms.measure_callback.PyMeasureCallback):
@@ -551,13 +553,13 @@ def tune(
                         s = sum(float(x) for x in r.run_secs) / len(r.run_secs)
                         if s < _NO_RUN_S:
                             best[tasks[todo[task_id]].task_name] = min(best.get(tasks[todo[task_id]].task_name, s), s)
-                if measured[k] >= trials:
+                if measured[k] >= wanted[k]:
                     index[k]["requested"] = max(index[k]["requested"], trials)
                 _write_json(path / INDEX_FILE, index)
                 elapsed = time.perf_counter() - t0
                 if progress:
-                    done_trials = sum(min(v, trials) for v in measured.values())
-                    done_k = sum(1 for v in measured.values() if v >= trials)
+                    done_trials = sum(min(v, wanted[key]) for key, v in measured.items())
+                    done_k = sum(1 for key, v in measured.items() if v >= wanted[key])
                     eta = elapsed / done_trials * (total - done_trials) if done_trials else None
                     progress(TuneProgress(done_k, len(todo), done_trials, total, elapsed, eta,
                                           tasks[todo[task_id]].task_name, dict(best)))
@@ -614,12 +616,13 @@ class _BudgetSpent(Exception):
     """Raised from the measure callback to end a tuning run at its time budget."""
 
 
-def _search_strategy(trials: int):
+def _search_strategy(trials: int, wanted: int):
+    """The search for one kernel: sized for `trials` in all, it measures at most `wanted` this run."""
     from tvm.s_tir import meta_schedule as ms
 
     population = min(POPULATION_MAX, max(POPULATION_MIN, POPULATION_PER_TRIAL * trials))
     return _skipping_known()(ms.search_strategy.EvolutionarySearch(population_size=population,
-                                                                   init_min_unmeasured=min(population // 2, 50)))
+                                                                   init_min_unmeasured=min(population // 2, 50)), wanted)
 
 
 def _scheduled_modules(db, mod) -> list:
@@ -645,15 +648,17 @@ def _skipping_known():
     """A search strategy class wrapping EvolutionarySearch that never sends a schedule the database
     already holds for the kernel: the search seeds its population with the database's best (the
     committed default schedule, or a resumed run's records) and, knowing only this run's own
-    measurements, drew them again, spending trials on times already known."""
+    measurements, drew them again, spending trials on times already known. Each kernel's search
+    also stops at its own trial count (the task scheduler's count is one for every kernel)."""
     import tvm_ffi
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
     @derived_object
     class _SkipKnown(ms.search_strategy.PySearchStrategy):
-        def __init__(self, inner):
+        def __init__(self, inner, wanted: int):
             self.inner = inner
+            self.wanted = wanted
             self.known: dict[int, list] = {}
 
         def _initialize_with_tune_context(self, context) -> None:
@@ -664,7 +669,7 @@ def _skipping_known():
             self.known = {}
             for m in _scheduled_modules(database, self.mod) if database is not None else []:
                 self.known.setdefault(tvm_ffi.structural_hash(m), []).append(m)
-            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+            self.inner.pre_tuning(min(max_trials, self.wanted), num_trials_per_iter, design_spaces, database, cost_model)
 
         def post_tuning(self) -> None:
             self.inner.post_tuning()
@@ -689,7 +694,7 @@ def _skipping_known():
             self.inner.notify_runner_results(measure_candidates, results)
 
         def clone(self):
-            return _SkipKnown(self.inner.clone())
+            return _SkipKnown(self.inner.clone(), self.wanted)
 
     return _SkipKnown
 

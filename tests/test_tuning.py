@@ -141,6 +141,19 @@ def test_no_schedule_is_measured_twice(tmp_path, llvm):
         assert not any(tvm_ffi.structural_equal(a, b) for b in modules[i + 1:]), f"record {i} was measured twice"
 
 
+def test_trials_are_a_total_per_kernel(tuned_db, llvm, tmp_path):
+    """Asking for one trial more than a kernel has measures one: a later run adds what is missing."""
+    import shutil
+
+    db, model, first = tuned_db
+    copy = tmp_path / "db"
+    shutil.copytree(db, copy)
+    more = tuning.tune(model, llvm, copy, trials=TRIALS + 1)
+    assert first.trials_measured == TRIALS
+    assert more.trials_measured == 1
+    assert [k.trials for k in more.kernels] == [k.trials + 1 for k in first.kernels]   # records in the DB
+
+
 def test_a_kernel_with_only_its_default_record_counts_as_untuned(tuned_db, llvm, tmp_path):
     import shutil
 
