@@ -626,13 +626,16 @@ def _search_strategy(trials: int, wanted: int):
 
 
 def _scheduled_modules(db, mod) -> list:
-    """The scheduled modules of every record `db` holds for workload `mod` (failed runs included)."""
-    import tvm_ffi
+    """The scheduled modules of every record `db` holds for workload `mod` (failed runs included,
+    which get_top_k leaves out)."""
     from tvm import s_tir
 
+    if not db.has_workload(mod):
+        return []
+    workload = db.commit_workload(mod)   # the database's own entry, which its records share
     found = []
     for rec in db.get_all_tuning_records():
-        if not tvm_ffi.structural_equal(rec.workload.mod, mod):
+        if not rec.workload.same_as(workload):
             continue
         sch = s_tir.Schedule(mod)
         try:
