@@ -162,9 +162,8 @@ def paired_ratio(base: list[float], nasc: list[float]) -> float:
     return statistics.median(b / n for b, n in zip(base, nasc))
 
 
-def heads(model: onnx.ModelProto) -> list[tuple[str, onnx.ModelProto]]:
-    """[(f"head@{cut}", head)] at HEAD_FRACTIONS of the way through `model`'s split cuts."""
-    p = plan(model, split=DEVICE_ONLY)
+def heads(p) -> list[tuple[str, onnx.ModelProto]]:
+    """[(f"head@{cut}", head)] at HEAD_FRACTIONS of the way through the split cuts of plan `p`."""
     splits = [c for c in p.cuts if c.kind == SPLIT]
     picked = sorted({splits[int(f * (len(splits) - 1))].index for f in HEAD_FRACTIONS})
     return [(f"head@{i}", split_model(p.analysis, next(c for c in splits if c.index == i))[0]) for i in picked]
@@ -267,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         model = make()
         measured = [measure(name, model, not args.no_default, args.repeats)]
         if name in MODELS:
-            measured += [measure_head(f"{name} {label}", head, args.repeats) for label, head in heads(model)]
+            measured += [measure_head(f"{name} {label}", head, args.repeats)
+                         for label, head in heads(plan(model, split=DEVICE_ONLY))]
         for row in measured:
             rows.append(row)
             _print(row)

@@ -47,7 +47,7 @@ def _graphs(model) -> tuple:
     """(prepared whole model, [(label, graph)]): the whole model for ORT, and heads at cpu_schedules.HEAD_FRACTIONS."""
     p = plan(model, split=DEVICE_ONLY)
     whole, _ = split_model(p.analysis, p.cut)
-    return whole, [("whole", whole)] + heads(model)
+    return whole, [("whole", whole)] + heads(p)
 
 
 def _runners(graph, target, db, feeds):
