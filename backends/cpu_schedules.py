@@ -4,7 +4,8 @@ Two hooks for the llvm pipeline (stages as in tvm/relax/backend/cpu_generic/pipe
   * `cpu_layout_passes(target)`: on the Relax module, right before `LegalizeOps`. Converts conv2d
     to NCHW{c}c / OIHW{c}o (one block c per model, see `conv_block`) and constant matmul weights
     to column panels (both re-packed at compile time by the `FoldConstant` that follows
-    LegalizeOps) and lowers those ops to TIR itself.
+    LegalizeOps) and lowers those ops to TIR itself; dense 3x3 stride-1 convs with enough
+    channels run as Winograd F(4x4, 3x3) (cpu_rules/winograd.py).
   * `cpu_schedule_passes(target)`: on the fused TIR, right after `FuseTIR`. dlight-style rules
     tile, vectorise and parallelise conv, matmul, pooling and (fallback) everything else.
 `scheduled_cpu_pipeline(target)` is TVM's cpu_generic pipeline with both inserted there.
@@ -43,11 +44,11 @@ PLAIN_CONV_COST = 6.0
 MIN_PADDING_GAIN = 1.05
 
 
-def cpu_layout_passes(target: tvm.target.Target,
-                      spec: CpuVectorSpec | None = None) -> list[tvm.transform.Pass]:
-    """Relax passes to run right before LegalizeOps."""
+def cpu_layout_passes(target: tvm.target.Target, spec: CpuVectorSpec | None = None,
+                      winograd: bool = True) -> list[tvm.transform.Pass]:
+    """Relax passes to run right before LegalizeOps (`winograd`: 3x3 convs as Winograd where it pays)."""
     spec = spec or cpu_vector_spec(target)
-    return lowering_passes(spec.channel_block, spec.matmul_cols)
+    return lowering_passes(spec.channel_block, spec.matmul_cols, winograd)
 
 
 def cpu_schedule_passes(target: tvm.target.Target,
@@ -56,12 +57,13 @@ def cpu_schedule_passes(target: tvm.target.Target,
     return [dl.ApplyDefaultSchedule(*default_rules(spec or cpu_vector_spec(target)))]
 
 
-def scheduled_cpu_pipeline(target: tvm.target.Target,
-                           spec: CpuVectorSpec | None = None) -> tvm.transform.Pass:
-    """TVM's cpu_generic pipeline with the layout passes and schedule rules inserted."""
+def scheduled_cpu_pipeline(target: tvm.target.Target, spec: CpuVectorSpec | None = None,
+                           winograd: bool = True) -> tvm.transform.Pass:
+    """TVM's cpu_generic pipeline with the layout passes and schedule rules inserted
+    (`winograd` False: every conv direct, for comparison)."""
     legalize = cpu_generic.legalize_passes(target)
     fuse_tir_at = [p.info.name for p in legalize].index("FuseTIR") + 1
-    passes = (cpu_generic.library_dispatch_passes(target) + cpu_layout_passes(target, spec)
+    passes = (cpu_generic.library_dispatch_passes(target) + cpu_layout_passes(target, spec, winograd)
               + legalize[:fuse_tir_at] + cpu_schedule_passes(target, spec)
               + legalize[fuse_tir_at:]
               + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))

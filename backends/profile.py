@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from onnx import ModelProto, helper
 
+from nasc.backends.cpu_rules import winograd
 from nasc.partitioner.analysis import Analysis
 from nasc.partitioner.load import node_inputs
 
@@ -278,7 +279,7 @@ def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
 
 SUITE_SIZE = 160
 # kernel mix of the suite (weights): CNN kernels dominate IoT models
-SUITE_MIX = {"conv": 0.17, "conv-plain": 0.07, "conv1x1": 0.14, "conv1x1-plain": 0.06, "dwconv": 0.2, "matmul": 0.1,
+SUITE_MIX = {"conv": 0.14, "winograd": 0.12, "conv-plain": 0.07, "conv1x1": 0.14, "conv1x1-plain": 0.06, "dwconv": 0.2, "matmul": 0.1,
              "pool": 0.07, "reduce": 0.05, "eltwise": 0.1, "other": 0.04, "stem": 0.04}
 SUITE_PIXELS = (7, 14, 28, 56, 112)
 SUITE_STEM_PIXELS = (64, 96, 128, 160, 224)
@@ -304,9 +305,10 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
         return n.build(n.conv(n.input("input", (1, 3, hw, hw)), 3, cout, k, 2, act=None if act == "none" else act),
                        "suite stem")
     hw = int(rng.choice(SUITE_PIXELS))
-    if kind.startswith(("conv", "dwconv")):
+    if kind.startswith(("conv", "dwconv", "winograd")):
         plain, kind = kind.endswith("-plain"), kind.removesuffix("-plain")
-        k = 1 if kind == "conv1x1" else int(rng.choice((3, 3, 5, 7) if kind == "conv" else (3, 3, 5)))
+        k = 1 if kind == "conv1x1" else 3 if kind == "winograd" else int(
+            rng.choice((3, 3, 5, 7) if kind == "conv" else (3, 3, 5)))
         while True:
             # a narrow-block or plain-layout conv: one or both channel counts miss the 8-channel block
             odd = str(rng.choice(("in", "out", "both"))) if plain else ""
@@ -314,6 +316,10 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
             if kind == "dwconv":
                 cout = cin
             stride = int(rng.choice((1, 1, 2)))
+            if kind == "winograd":  # the 3x3 convs backends/cpu_rules/winograd.py runs as Winograd
+                stride = 1
+                if not winograd.fits((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, (hw, hw), (cin, cout)):
+                    continue
             groups = cin if kind == "dwconv" else 1
             flops = 2.0 * (hw // stride) ** 2 * cout * (cin // groups) * k * k
             if flops <= SUITE_MAX_FLOPS:

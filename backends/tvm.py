@@ -22,7 +22,8 @@ from nasc.errors import UnsupportedOpError
 LIBRARY_NAME = "model.so"
 # the modules whose code decides what a compiled half is and how its kernels are timed
 PIPELINE_MODULES = ("nasc.backends.tvm", "nasc.backends.cpu_schedules", "nasc.backends.cpu_rules.lowering",
-                    "nasc.backends.cpu_rules.tir_rules", "nasc.backends.cpu_rules.vector_spec", "nasc.backends.cuda",
+                    "nasc.backends.cpu_rules.tir_rules", "nasc.backends.cpu_rules.vector_spec",
+                    "nasc.backends.cpu_rules.winograd", "nasc.backends.cuda",
                     "nasc.backends.profile", "nasc.backends.context", "nasc.passes.pad_channels", "nasc.passes.split")
 
 

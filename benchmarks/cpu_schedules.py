@@ -6,7 +6,8 @@ backends.cpu_schedules.pad_for_cpu); TVM's default pipeline and ORT run the grap
 Whole CNNs (ResNet-18, MobileNetV2, Inception style, after nasc's prepare passes, as nasc
 compiles them), their heads at three cuts (compiled and run as a device runs a shipped head:
 numpy in, numpy out) and one model per kernel class, all on the same 2 threads in one run;
-prints ORT_ms/nasc_ms and writes results/cpu_schedules.json.
+prints ORT_ms/nasc_ms (and, for whole models, the same pipeline with every conv direct over
+nasc: what Winograd gains) and writes results/cpu_schedules.json.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ IMAGE_PX = 224
 REPEATS = 7
 # Each timed sample runs the model until at least this long has passed, to average out jitter.
 MIN_SAMPLE_S = 0.2
+# Before each sample the process must be idle (`settle`): CPU time under this share of a poll.
+SETTLE_POLL_S = 0.005
+SETTLE_IDLE_SHARE = 0.1
+SETTLE_MAX_S = 2.0
 # TVM's default pipeline is ~50-100x slower: one run per sample keeps the whole script short.
 DEFAULT_PIPELINE_REPEATS = 2
 
@@ -91,6 +96,8 @@ class Row:
     max_abs_err_vs_ort: float
     compile_s: float
     channels_padded_to: int | None = None
+    direct_ms: float | None = None          # every conv direct (no Winograd), same pipeline otherwise
+    direct_over_nasc: float | None = None
 
 
 def _model(nodes, inputs: dict, output: str, inits) -> onnx.ModelProto:
@@ -131,6 +138,7 @@ def kernel_models() -> dict[str, onnx.ModelProto]:
                                     pads=[1, 1, 1, 1])], {"x": [1, 64, 112, 112]}, "y", [])
     return {
         "conv3x3_64x56x56": _conv_kernel(64, 64, 3, 56),
+        "conv3x3_256x14x14": _conv_kernel(256, 256, 3, 14),
         "conv3x3_s2_128x28x28": _conv_kernel(128, 256, 3, 28, stride=2),
         "conv1x1_256x14x14": _conv_kernel(256, 256, 1, 14),
         "stem7x7_s2_3ch": _conv_kernel(3, 64, 7, 224, stride=2),
@@ -148,7 +156,20 @@ def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             .astype(np.float32) for i in model.graph.input}
 
 
+def settle() -> None:
+    """Wait until no thread of this process runs. ONNX Runtime's pool threads spin after each
+    run before they block (its own docs: about 16 ms on Zen, 47 ms on Skylake), and TVM's for a
+    while too: whatever is timed next would share the cores with them."""
+    deadline = time.perf_counter() + SETTLE_MAX_S
+    while time.perf_counter() < deadline:
+        cpu = time.process_time()
+        time.sleep(SETTLE_POLL_S)
+        if time.process_time() - cpu < SETTLE_IDLE_SHARE * SETTLE_POLL_S:
+            return
+
+
 def sample_ms(run) -> float:
+    settle()
     run()
     count, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < MIN_SAMPLE_S or count == 0:
@@ -216,13 +237,15 @@ def measure(name: str, model: onnx.ModelProto, with_default: bool, repeats: int)
     padded, block = pad_for_cpu(model, cpu_vector_spec(target).channel_block)
     run_nasc, compile_s = _tvm_runner(padded, scheduled_cpu_pipeline(target), target, feeds)
     err = float(np.abs(run_nasc().numpy() - expected).max())
+    run_direct, _ = _tvm_runner(padded, scheduled_cpu_pipeline(target, winograd=False), target, feeds)
     run_default = None
     if with_default:
         run_default, _ = _tvm_runner(model, relax.get_default_pipeline(target), target, feeds)
-    samples: dict[str, list[float]] = {"ort": [], "default": [], "nasc": []}
+    samples: dict[str, list[float]] = {"ort": [], "default": [], "nasc": [], "direct": []}
     for i in range(repeats):
         samples["ort"].append(sample_ms(lambda: session.run(None, feeds)))
         samples["nasc"].append(sample_ms(run_nasc))
+        samples["direct"].append(sample_ms(run_direct))
         if run_default is not None and i < DEFAULT_PIPELINE_REPEATS:
             samples["default"].append(sample_ms(run_default))
     ort_ms, nasc_ms = min(samples["ort"]), min(samples["nasc"])
@@ -231,7 +254,8 @@ def measure(name: str, model: onnx.ModelProto, with_default: bool, repeats: int)
                round(paired_ratio(samples["ort"], samples["nasc"]), 3),
                default_ms and round(paired_ratio(samples["default"], samples["nasc"]), 2),
                round(statistics.median(samples["ort"]), 3),
-               round(statistics.median(samples["nasc"]), 3), err, round(compile_s, 1), block)
+               round(statistics.median(samples["nasc"]), 3), err, round(compile_s, 1), block,
+               round(min(samples["direct"]), 3), round(paired_ratio(samples["direct"], samples["nasc"]), 3))
 
 
 def write_json(path: Path, doc) -> None:
@@ -259,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     cases.update({name: lambda m=m: m for name, m in kernel_models().items()})
     rows = []
     print(f"{'model':32s} {'ORT ms':>9s} {'default ms':>11s} {'nasc ms':>9s} "
-          f"{'ORT/nasc':>9s} {'default/nasc':>13s} {'max err':>9s}")
+          f"{'ORT/nasc':>9s} {'default/nasc':>13s} {'direct/nasc':>12s} {'max err':>9s}")
     for name, make in cases.items():
         if args.only and name not in args.only:
             continue
@@ -279,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
 def _print(row: Row) -> None:
     default = f"{row.tvm_default_ms:11.1f}" if row.tvm_default_ms else f"{'-':>11s}"
     speedup = f"{row.default_over_nasc:13.1f}" if row.default_over_nasc else f"{'-':>13s}"
+    direct = f"{row.direct_over_nasc:12.2f}" if row.direct_over_nasc else f"{'-':>12s}"
     print(f"{row.name:32s} {row.ort_ms:9.2f} {default} {row.nasc_ms:9.2f} "
-          f"{row.ort_over_nasc:9.2f} {speedup} {row.max_abs_err_vs_ort:9.1e}", flush=True)
+          f"{row.ort_over_nasc:9.2f} {speedup} {direct} {row.max_abs_err_vs_ort:9.1e}", flush=True)
 
 
 if __name__ == "__main__":

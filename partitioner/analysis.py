@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, helper
 
+from nasc.backends.cpu_rules import winograd
 from nasc.partitioner.load import activation_inputs, node_inputs
 from nasc.types import TensorSpec
 
@@ -60,6 +61,8 @@ class Analysis:
     bytes_moved: np.ndarray = field(repr=False)   # activations in + out + weights, per node
     fused: np.ndarray = field(repr=False)         # node would be fused into its producer's kernel
     shape_only: np.ndarray = field(repr=False)
+    # each initializer as a CPU device holds it compiled: a Winograd conv's weight transformed (4x)
+    device_weight_bytes: dict[str, int] = field(repr=False)
 
     @property
     def node_names(self) -> list[str]:
@@ -120,6 +123,16 @@ def _node_flops(node: onnx.NodeProto, macs: int, shape_of) -> int:
     return out * _ELEMENT_FLOPS.get(op, 1)
 
 
+def runs_winograd(node: onnx.NodeProto, weight_shape, out_shape) -> bool:
+    """Whether a CPU device runs this node as a Winograd conv (backends/cpu_rules/winograd.py)."""
+    if node.op_type != "Conv" or not weight_shape or len(weight_shape) != 4 or not out_shape or len(out_shape) != 4:
+        return False
+    group = int(_attr(node, "group", 1))
+    return winograd.fits(tuple(weight_shape[2:]), tuple(_attr(node, "strides", [1, 1])),
+                         tuple(_attr(node, "dilations", [1, 1])), tuple(_attr(node, "pads", [0, 0, 0, 0])), group,
+                         (out_shape[2], out_shape[3]), (weight_shape[1] * group, weight_shape[0]))
+
+
 def analyze(model: ModelProto) -> Analysis:
     """Index a model loaded by `load_model` (static shapes, ordered nodes). Never mutates it."""
     g = model.graph
@@ -158,7 +171,11 @@ def analyze(model: ModelProto) -> Analysis:
     fused = np.zeros(N, bool)
     shape_only = np.zeros(N, bool)
     counted: set[str] = set()
+    device_bytes = dict(init_bytes)
     for i, n in enumerate(nodes):
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in init_bytes and runs_winograd(
+                n, shape_of(n.input[1]), shape_of(n.output[0])):
+            device_bytes[n.input[1]] = init_bytes[n.input[1]] * winograd.WEIGHT_GROWTH
         macs[i] = _node_macs(n, shape_of)
         flops[i] = _node_flops(n, int(macs[i]), shape_of)
         for w in node_inits[i]:
@@ -180,4 +197,5 @@ def analyze(model: ModelProto) -> Analysis:
         model=model, nodes=nodes, specs=specs, initializer_bytes=init_bytes, inputs=inputs,
         outputs=[o.name for o in g.output], producer=producer, consumers=consumers, node_inits=node_inits,
         macs=macs, flops=flops, param_bytes=params, bytes_moved=moved, fused=fused, shape_only=shape_only,
+        device_weight_bytes=device_bytes,
     )

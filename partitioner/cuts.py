@@ -165,6 +165,7 @@ class _Edges:
         self.wc = np.array([p[1] for p in pairs], np.int64)
         self.weights, self.wstarts = np.unique(self.w, return_index=True)
         self.wbytes = np.array([a.initializer_bytes[w] for w in inits], np.int64)
+        self.device_wbytes = np.array([a.device_weight_bytes[w] for w in inits], np.int64)
 
 
 def _crossing(T: _Tensors, E: _Edges, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +217,9 @@ def _measure(a: Analysis, T: _Tensors, E: _Edges, M: np.ndarray) -> dict[str, np
         "payload8": sent @ qbytes,
         "head_params": head_params,
         "tail_params": tail_w.astype(np.int64) @ E.wbytes,
-        # server-only: the device only holds the raw input it sends
-        "peak": np.where(M.any(axis=1), head_params + peak_act, sent @ T.size),
+        # server-only: the device only holds the raw input it sends; otherwise its weights as
+        # compiled (Winograd convs' transformed) and its live activations
+        "peak": np.where(M.any(axis=1), head_w.astype(np.int64) @ E.device_wbytes + peak_act, sent @ T.size),
     }
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nasc.errors import NascError
-from nasc.partitioner.analysis import Analysis, _attr
+from nasc.partitioner.analysis import Analysis, _attr, runs_winograd
 from nasc.partitioner.load import node_inputs
 
-CLASSES = ("conv", "conv1x1", "dwconv", "matmul", "pool", "reduce", "eltwise", "other", "layout")
+CLASSES = ("conv", "winograd", "conv1x1", "dwconv", "matmul", "pool", "reduce", "eltwise", "other", "layout")
 # convs whose channel counts are not multiples of this run with the CPU layout pass's narrowest
 # block (4 lanes) or in plain layout, several times slower per FLOP: a cost term of their own
 CHANNEL_ALIGN = 8
@@ -49,7 +49,11 @@ def kernel_class(a: Analysis, anchor: int) -> str:
         if group > 1 and w and w[1] == 1:
             return "dwconv"
         k = int(np.prod(w[2:])) if w else 1
-        return "conv1x1" if k == 1 else "conv"
+        if k == 1:
+            return "conv1x1"
+        # a different kernel, with its own rates, when its channels let it run blocked
+        aligned = bool(w) and w[0] % CHANNEL_ALIGN == 0 and (w[1] * int(_attr(n, "group", 1))) % CHANNEL_ALIGN == 0
+        return "winograd" if aligned and runs_winograd(n, w, _shape(a, n.output[0])) else "conv"
     if op in _MATMUL_OPS:
         return "matmul"
     if op in _POOL_OPS:

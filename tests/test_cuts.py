@@ -55,7 +55,7 @@ def peak_memory(a, H):
     weights = set()
     for i in head:
         weights.update(a.node_inits[i])
-    return peak + sum(a.initializer_bytes[w] for w in weights)
+    return peak + sum(a.device_weight_bytes[w] for w in weights)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

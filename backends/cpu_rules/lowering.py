@@ -12,6 +12,8 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.sym.analyzer import Analyzer
 
+from . import winograd
+
 CONV_BLOCK_NAME = "nasc_conv2d_nchwc"
 # The narrowest channel block worth a blocked layout: one 128-bit vector of float32.
 MIN_CONV_BLOCK = 4
@@ -21,6 +23,7 @@ TO_PLAIN_NAME = "nasc_to_plain"
 # A conv weight slice (one output block) up to this size is read from L1 (32-48 KB on current x86
 # and Arm cores) in any order; larger ones are packed so that they stream (`_packs_weight`).
 PACKED_WEIGHT_MIN_BYTES = 32 * 1024
+OUT_ELEMWISE_FUSABLE = 4   # relax FuseOps' kOutEWiseFusable
 
 
 def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, groups: int,
@@ -241,9 +244,9 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
 class _CpuOpLowerer(PyExprMutator):
     """Lowers NCHW{c}c conv2d (which LegalizeOps cannot) and constant-weight matmul to TIR."""
 
-    def __init__(self, mod: tvm.IRModule, panel: int):
+    def __init__(self, mod: tvm.IRModule, panel: int, winograd: bool):
         super().__init__(mod)
-        self.panel = panel
+        self.panel, self.winograd = panel, winograd
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -270,6 +273,8 @@ class _CpuOpLowerer(PyExprMutator):
         data = call.args[0]
         if attrs.data_layout == attrs.out_layout and self._identity(call):
             return data
+        if self.winograd and self._winograd_fits(call):
+            return self._winograd(call)
         if attrs.data_layout == "NCHW":  # plain input: blocks of one channel (a reshape is a view, not a copy)
             data = self.builder_.emit(relax.op.reshape(data, [*_static_shape(data), 1]))
         weight = call.args[1]
@@ -283,6 +288,31 @@ class _CpuOpLowerer(PyExprMutator):
                                      ints(attrs.strides), ints(attrs.padding),
                                      ints(attrs.dilation), int(attrs.groups), _out_dtype(call),
                                      primfunc_name_hint="conv2d_nchwc")
+
+    def _winograd_fits(self, call: relax.Call) -> bool:
+        attrs = call.attrs
+        weight = _constant_root(self, call.args[1])
+        if weight is None or attrs.data_layout != attrs.out_layout or str(call.args[0].ty.dtype) != "float32":
+            return False
+        out = _static_shape(call)
+        return out is not None and _out_dtype(call) == "float32" and winograd.fits(
+            tuple(weight.value.shape[2:]), tuple(int(v) for v in attrs.strides),
+            tuple(int(v) for v in attrs.dilation), tuple(int(v) for v in attrs.padding), int(attrs.groups),
+            (out[2], out[3]), (int(weight.value.shape[1]), int(weight.value.shape[0])))
+
+    def _winograd(self, call: relax.Call) -> relax.Expr:
+        data = call.args[0]
+        n, _, height, width, _ = _static_shape(data)
+        out_block = _static_shape(call)[-1]
+        u = relax.const(winograd.transformed_weight(_constant_root(self, call.args[1]).value.numpy()))
+        v = self.builder_.emit(self.builder_.call_te(winograd.winograd_input, data, primfunc_name_hint=winograd.INPUT_FUNC))
+        m = self.builder_.emit(self.builder_.call_te(winograd.winograd_matmul, v, u, "float32",
+                                                     primfunc_name_hint=winograd.MATMUL_FUNC))
+        # an anchor like a conv's: its elementwise epilogue fuses in, the next conv's input
+        # transform or a concat does not (fused, they are inlined into its tile loops)
+        return self.builder_.call_te(winograd.winograd_output, m, n, height, width, out_block,
+                                     primfunc_name_hint=winograd.OUTPUT_FUNC,
+                                     primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
     def _identity(self, call: relax.Call) -> bool:
         """A stride-1 unpadded 1x1 depthwise conv with unit weights and no dtype change (`_ReceivedBlocker`'s)."""
@@ -314,11 +344,11 @@ class _CpuOpLowerer(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="LowerCpuOps")
 class _LowerCpuOps:
-    def __init__(self, panel: int):
-        self.panel = panel
+    def __init__(self, panel: int, winograd: bool):
+        self.panel, self.winograd = panel, winograd
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _mutated(mod, lambda m: _CpuOpLowerer(m, self.panel))
+        return _mutated(mod, lambda m: _CpuOpLowerer(m, self.panel, self.winograd))
 
 
 def block_fits(block: int, conv: tuple[int, int, int]) -> bool:
@@ -519,11 +549,12 @@ class _ConvertConvLayout:
         return relax.transform.ConvertLayout({}, layouts)(_block_received(mod, block))
 
 
-def lowering_passes(channel_block: int, matmul_panel: int) -> list[tvm.transform.Pass]:
-    """Relax passes, before LegalizeOps: NCHW{c}c convs (c from `conv_block`), packed matmul weights."""
+def lowering_passes(channel_block: int, matmul_panel: int, winograd: bool = True) -> list[tvm.transform.Pass]:
+    """Relax passes, before LegalizeOps: NCHW{c}c convs (c from `conv_block`), Winograd for the 3x3
+    ones `winograd.fits` (unless `winograd` is False), packed matmul weights."""
     # FoldConstant first turns Gemm's transposed weight into a plain constant the matmul
     # lowering can pack.
     # ConvertLayout gives each reader of a tensor its own layout_transform; CSE keeps one per
     # tensor and layout (a stem read by four branches was transformed four times).
     return [relax.transform.FoldConstant(), _RecoverScalarMinMax(), _SplitAsSlices(),
-            _ConvertConvLayout(channel_block), relax.transform.EliminateCommonSubexpr(), _LowerCpuOps(matmul_panel)]
+            _ConvertConvLayout(channel_block), relax.transform.EliminateCommonSubexpr(), _LowerCpuOps(matmul_panel, winograd)]

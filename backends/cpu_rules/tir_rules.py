@@ -15,6 +15,7 @@ from tvm.sym.analyzer import Analyzer
 
 from .lowering import CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, TO_BLOCKED_NAME, TO_PLAIN_NAME
 from .vector_spec import CpuVectorSpec
+from .winograd import INPUT_NAME as WINOGRAD_INPUT, OUTPUT_NAME as WINOGRAD_OUTPUT, TILE as WINOGRAD_TILE
 
 # Rows per matmul register tile: 6 rows x 2 vectors = 12 accumulators of the 16 AVX2 registers.
 MATMUL_ROW_TILE = 6
@@ -43,6 +44,8 @@ def default_rules(spec: CpuVectorSpec) -> list[ScheduleRule]:
     """The rules in priority order: the first that recognises a PrimFunc schedules it."""
     return [_rule("ConvNCHWc", _schedule_conv_nchwc, spec),
             _rule("ConvNCHW", _schedule_conv_nchw, spec),
+            _rule("WinogradInput", _schedule_winograd_input, spec),
+            _rule("WinogradOutput", _schedule_winograd_output, spec),
             _rule("Matmul", _schedule_matmul, spec),
             _rule("ToBlocked", _schedule_to_blocked, spec),
             _rule("ToPlain", _schedule_to_plain, spec),
@@ -233,6 +236,56 @@ def _tile_transpose(sch: s_tir.Schedule, n, co, h, w, ci, cols_wanted: int) -> N
     sch.unroll(ci)
     sch.unroll(wi)
     _parallel_outer(sch, outer + [wo])
+
+
+def _schedule_winograd_input(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
+    """Per tile and channel block, the columns pass then the rows pass, 36 values each in
+    straight-line code (the unrolled loops fold each value's coefficient choice away),
+    vectorised over the block's lanes; the padded input stays a separate pass, as for the
+    direct conv."""
+    block = _find_block(sch, lambda b: sch.get(b).name_hint == WINOGRAD_INPUT)
+    if block is None:
+        return False
+    half = sch.get_producers(block)[0]
+    lanes = int(sch.get(half).reads[0].source.shape[-1])
+    eps, nu, p, ch = sch.get_loops(block)
+    cb, lane = sch.split(ch, [None, lanes])
+    sch.reorder(p, cb, eps, nu, lane)
+    sch.compute_at(half, cb)
+    _parallel_outer(sch, [p, cb])
+    _unroll_tile(sch, half, 2)
+    _unroll_tile(sch, block, 2)
+    _schedule_remaining(sch, spec, skip=[block])
+    return True
+
+
+def _schedule_winograd_output(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
+    """Per 4x4 output tile and channel block, the rows pass then the columns pass in
+    straight-line code, vectorised over the lanes, with the conv's epilogue (bias, residual,
+    activation) folded in."""
+    block = _find_block(sch, lambda b: sch.get(b).name_hint == WINOGRAD_OUTPUT)
+    if block is None:
+        return False
+    half = sch.get_producers(block)[0]
+    _inline_epilogue(sch, block)
+    n, ko, y, x, lane = sch.get_loops(block)
+    yo, yi = sch.split(y, [None, WINOGRAD_TILE])
+    xo, xi = sch.split(x, [None, WINOGRAD_TILE])
+    sch.reorder(n, yo, xo, ko, yi, xi, lane)
+    sch.compute_at(half, ko)
+    _parallel_outer(sch, [n, yo, xo, ko])
+    _unroll_tile(sch, half, 2)
+    _unroll_tile(sch, block, 2)
+    _schedule_remaining(sch, spec, skip=[block])
+    return True
+
+
+def _unroll_tile(sch: s_tir.Schedule, block, unrolled: int) -> None:
+    """Unrolls the `unrolled` loops above `block`'s innermost one, which it vectorises."""
+    *_, inner = loops = sch.get_loops(block)
+    for loop in loops[-1 - unrolled:-1]:
+        sch.unroll(loop)
+    sch.vectorize(inner)
 
 
 def _weight_read_index(sch: s_tir.Schedule, conv) -> int:
