@@ -52,8 +52,7 @@ def kernel_class(a: Analysis, anchor: int) -> str:
         if k == 1:
             return "conv1x1"
         # a different kernel, with its own rates, when its channels let it run blocked
-        aligned = bool(w) and w[0] % CHANNEL_ALIGN == 0 and (w[1] * int(_attr(n, "group", 1))) % CHANNEL_ALIGN == 0
-        return "winograd" if aligned and runs_winograd(n, w, _shape(a, n.output[0])) else "conv"
+        return "winograd" if _aligned(w, group) and runs_winograd(n, w, _shape(a, n.output[0])) else "conv"
     if op in _MATMUL_OPS:
         return "matmul"
     if op in _POOL_OPS:
@@ -63,6 +62,11 @@ def kernel_class(a: Analysis, anchor: int) -> str:
     if op in _ELTWISE_OPS:
         return "eltwise"
     return "other"
+
+
+def _aligned(w: tuple[int, ...], group: int) -> bool:
+    """Whether a conv weight's output and input channels both fill CHANNEL_ALIGN blocks."""
+    return bool(w) and w[0] % CHANNEL_ALIGN == 0 and (w[1] * group) % CHANNEL_ALIGN == 0
 
 
 def _shape(a: Analysis, name: str) -> tuple[int, ...]:
@@ -94,7 +98,7 @@ def group_features(a: Analysis, nodes: tuple[int, ...]) -> dict:
         cout, pixels = (out_shape[-1] if out_shape else 1), int(np.prod(out_shape[:-1])) if len(out_shape) > 1 else 1
     cls = kernel_class(a, nodes[0])
     w = _shape(a, anchor.input[1]) if cls in ("conv", "conv1x1") else ()
-    plain = bool(w) and (w[0] % CHANNEL_ALIGN != 0 or (w[1] * group) % CHANNEL_ALIGN != 0)
+    plain = bool(w) and not _aligned(w, group)
     return {
         "class": cls,
         "flops": float(sum(a.flops[i] for i in nodes)),
