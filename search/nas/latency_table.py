@@ -39,12 +39,13 @@ def nasc_node_cost(device=None, server=None) -> tuple[NodeCost, str]:
 
 
 def param_bytes(model: ModelProto) -> int:
-    """Weight bytes as the partitioner counts them: initializers after nasc's PREPARE passes
-    (which turn constants such as a Mul's scalar into initializers)."""
+    """Device weight bytes as the partitioner counts them: initializers after nasc's PREPARE passes
+    (which turn constants such as a Mul's scalar into initializers), as compiled for the device
+    (a Winograd conv's transformed weights are larger than its ONNX ones)."""
     from nasc.partitioner import analyze, load_model
     from nasc.passes import prepare
 
-    return int(sum(analyze(load_model(prepare(load_model(model)))).initializer_bytes.values()))
+    return int(sum(analyze(load_model(prepare(load_model(model)))).device_weight_bytes.values()))
 
 
 @dataclass(frozen=True)
