@@ -465,3 +465,50 @@ def test_host_vector_spec_matches_cpu():
     if tvm.target.codegen.llvm_cpu_has_features("avx2", HOST):
         assert spec.lanes >= 8
     assert spec.channel_block % spec.lanes == 0
+
+
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+
+
+@pytest.mark.parametrize("target, blocks, width, tile", [
+    (AVX2, 12, 14, (6, 2)),     # tall: 12 accumulators, 8 operand loads per 12 FMAs
+    (AVX2, 2, 112, (2, 4)),     # as tall as the blocks allow
+    (AVX2, 3, 56, (3, 4)),
+    (AVX2, 120, 7, (1, 7)),     # a 7-wide row fills one tile row better than 6 x 1
+    (AVX512, 12, 56, (2, 8)),
+    (AVX512, 3, 14, (1, 7)),
+    (AARCH64, 12, 56, (1, 8)),  # a NEON block is two registers: 16 of the 32
+])
+def test_conv_register_tile_fits_the_registers_and_divides_the_conv(target, blocks, width, tile):
+    spec = cs.cpu_vector_spec(target)
+    rows, cols = spec.conv_tile(blocks, width)
+    assert (rows, cols) == tile
+    assert blocks % rows == 0 and width % cols == 0
+    assert rows * cols <= spec.conv_tile_accumulators and rows <= spec.conv_tile_rows
+
+
+def test_avx2_conv_accumulates_in_a_tall_register_tile():
+    """A 1x1 conv with 12 output blocks at 14 px accumulates 6 blocks x 2 pixels in registers."""
+    mod = _scheduled_module(_conv_block(16, 96, 1, hw=14), target=AVX2)
+    func = next(f for g, f in mod.functions_items() if "conv2d_nchwc" in g.name_hint)
+    sch = tvm.s_tir.Schedule(func)
+    write_back = sch.get_sblock("nasc_conv2d_nchwc_intermediate_local")
+    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(write_back)]
+    assert extents[-4:] == [6, 1, 2, 8], extents  # blocks, rows, pixels, lanes
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_conv_pads_the_rows_it_reads_inside_its_parallel_loop(stride):
+    """No separate pass pads a depthwise conv's whole input, and its tile is one block tall."""
+    model = _conv_block(32, 32, 3, stride=stride, groups=32, hw=16)
+    _assert_matches_ort(model)
+    mod = _scheduled_module(model)
+    func = next(f for g, f in mod.functions_items() if "conv2d_nchwc" in g.name_hint)
+    sch = tvm.s_tir.Schedule(func)
+    conv_nest = sch.get_loops(sch.get_sblock("nasc_conv2d_nchwc_update"))[0]
+    pad_loops = sch.get_loops(sch.get_sblock("nasc_conv_pad"))
+    assert sch.get(pad_loops[0]).same_as(sch.get(conv_nest)), "the pad runs as its own pass"
+    assert sch.get(conv_nest).kind == tvm.tirx.ForKind.PARALLEL
+    write_back = sch.get_loops(sch.get_sblock("nasc_conv2d_nchwc_intermediate_local"))
+    assert int(sch.get(write_back[-4]).extent) == 1

@@ -15,6 +15,7 @@ from tvm.sym.analyzer import Analyzer
 from . import winograd
 
 CONV_BLOCK_NAME = "nasc_conv2d_nchwc"
+PAD_BLOCK_NAME = "nasc_conv_pad"
 # The narrowest channel block worth a blocked layout: one 128-bit vector of float32.
 MIN_CONV_BLOCK = 4
 MATMUL_BLOCK_NAME = "nasc_matmul_packed"
@@ -43,7 +44,7 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     if any(padding):
-        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="pad_temp")
+        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name=PAD_BLOCK_NAME)
     out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
     rc = te.reduce_axis((0, in_per_group), name="rc")

@@ -6,13 +6,19 @@ from dataclasses import dataclass
 
 import tvm
 
-# Output columns held in registers per conv tile: 8 accumulators of one vector each leave half
-# of the 16 AVX2 / 32 NEON vector registers for the weight vector and the broadcasts.
+# Most output columns per conv register tile (a tile is rows output-channel blocks x cols pixels,
+# one accumulator each; the 7-wide rows of CNNs at 7x7 and 14x14 fit one tile row).
 REGISTER_TILE_COLS = 8
-# Output-channel blocks per conv tile. AVX-512 has 32 registers: two blocks x 8 columns = 16
-# accumulators, enough independent FMAs to cover their latency on both FMA ports, and each
-# broadcast input pixel feeds two of them.
-WIDE_REGISTER_TILE_ROWS = 2
+# AVX2 has 16 vector registers: 12 accumulators, the broadcast pixel and weight vectors read from
+# memory by the FMAs. Tall tiles load fewer operands per FMA: 6 blocks x 2 pixels ran MobileNetV2's
+# 1x1 convs at 14x14 and 28x28 at 1.3-1.4x the speed of 1 block x 7-8 pixels (2 threads, Zen 3),
+# and 2 x 7 (14 accumulators) spilled and ran 0.6x.
+AVX2_TILE_ROWS = 6
+AVX2_TILE_ACCUMULATORS = 12
+# AVX-512 has 32 registers: two blocks x 8 columns = 16 accumulators, enough independent FMAs to
+# cover their latency on both FMA ports, and each broadcast input pixel feeds two of them.
+AVX512_TILE_ROWS = 2
+AVX512_TILE_ACCUMULATORS = 16
 # Channels per layout block span at least 256 bits: one AVX2 register, two NEON ones, and a
 # whole register on AVX-512 (whose block is then 512 bits).
 MIN_CHANNEL_BLOCK_BITS = 256
@@ -27,6 +33,17 @@ class CpuVectorSpec:
     channel_block: int
     conv_tile_cols: int = REGISTER_TILE_COLS
     conv_tile_rows: int = 1
+    conv_tile_accumulators: int = REGISTER_TILE_COLS
+
+    def conv_tile(self, channel_blocks: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the register tile for a conv with `channel_blocks` output blocks and
+        `width` output columns: both divide, and the tile holds the most accumulators that fit,
+        the taller of equal ones (fewer loads per FMA)."""
+        fits = [(r * c, r, c) for r in range(1, min(channel_blocks, self.conv_tile_rows) + 1) if channel_blocks % r == 0
+                for c in range(1, min(width, self.conv_tile_cols) + 1) if width % c == 0
+                and r * c <= self.conv_tile_accumulators]
+        _, rows, cols = max(fits)
+        return rows, cols
 
     @property
     def matmul_cols(self) -> int:
@@ -50,6 +67,10 @@ def cpu_vector_spec(target: tvm.target.Target) -> CpuVectorSpec:
         bits = 256
     else:
         bits = 128
-    return CpuVectorSpec(vector_bits=bits,
-                         channel_block=max(bits, MIN_CHANNEL_BLOCK_BITS) // FLOAT32_BITS,
-                         conv_tile_rows=WIDE_REGISTER_TILE_ROWS if bits == 512 else 1)
+    block = max(bits, MIN_CHANNEL_BLOCK_BITS) // FLOAT32_BITS
+    if bits == 512:
+        return CpuVectorSpec(bits, block, conv_tile_rows=AVX512_TILE_ROWS, conv_tile_accumulators=AVX512_TILE_ACCUMULATORS)
+    if bits == 256:
+        return CpuVectorSpec(bits, block, conv_tile_rows=AVX2_TILE_ROWS, conv_tile_accumulators=AVX2_TILE_ACCUMULATORS)
+    # NEON and SSE: a block is 256 bits, two registers, so one block x 8 columns is 16 of them
+    return CpuVectorSpec(bits, block)
