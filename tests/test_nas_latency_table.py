@@ -17,9 +17,12 @@ CFG = SpaceConfig(channels=4, cells_per_stage=2, resolution=16)
 
 @pytest.fixture(scope="module")
 def setup():
-    space = NB201Space()
+    return _space_table_and_supernet(NB201Space(), CFG)
+
+
+def _space_table_and_supernet(space, cfg: SpaceConfig):
     torch.manual_seed(0)
-    return space, build_latency_table(space, CFG), space.build_supernet(CFG).eval()
+    return space, build_latency_table(space, cfg), space.build_supernet(cfg).eval()
 
 
 def test_table_equals_nasc_model_on_whole_exported_subnets(setup):
@@ -101,9 +104,7 @@ WIDE_CFG = SpaceConfig(channels=8, cells_per_stage=1, resolution=16)
 def mbv2_setup():
     from nasc.search.nas.space import get_space
 
-    space = get_space("mbv2", MBV2_CFG)
-    torch.manual_seed(0)
-    return space, build_latency_table(space, MBV2_CFG), space.build_supernet(MBV2_CFG).eval()
+    return _space_table_and_supernet(get_space("mbv2", MBV2_CFG), MBV2_CFG)
 
 
 def test_mbv2_table_equals_nasc_model_on_whole_exported_subnets(mbv2_setup):
@@ -121,9 +122,7 @@ def test_mbv2_table_equals_nasc_model_on_whole_exported_subnets(mbv2_setup):
 
 @pytest.fixture(scope="module")
 def wide_setup():
-    space = NB201Space()
-    torch.manual_seed(0)
-    return space, build_latency_table(space, WIDE_CFG), space.build_supernet(WIDE_CFG).eval()
+    return _space_table_and_supernet(NB201Space(), WIDE_CFG)
 
 
 @pytest.mark.parametrize("name", ["nb201", "mbv2", "nb201-wide"])
