@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,10 +36,11 @@ MODULE_EQUALITY = "structural"   # how workloads are matched between tuning and 
 DEFAULT_SEED = 0
 TASK_SCHEDULER = "gradient"
 COST_MODEL = "xgb"
-# Evolutionary search population per trial asked, clamped: TVM's 512 costs ~20 s a round on
-# 2 cores, which dwarfs the measurement when only a few trials per kernel are wanted.
+# Evolutionary search population per trial asked, clamped. Drawing a round of 16 candidates for
+# a ResNet-18 conv took 24 s with TVM's 512 and 6 s with 128 on 2 cores, where building and
+# running them takes 4-6 s: the population, not the measurement, set the pace of a search.
 POPULATION_PER_TRIAL = 16
-POPULATION_MIN, POPULATION_MAX = 64, 512
+POPULATION_MIN, POPULATION_MAX = 64, 128
 # Rounds in a row that bring only schedules the database holds before a kernel's search counts
 # as exhausted (each round is a fresh evolution; the search never repeats what it sent).
 KNOWN_ROUNDS_BEFORE_EXHAUSTED = 3
@@ -319,15 +322,13 @@ def _prepare_build_worker() -> None:
     fast_tensor_intrinsics()
 
 
-def _build_one(mod, target, cross_cc: str | None, cuda_arch: str | None) -> str:
-    """Build one candidate in a worker and export it to a temporary .so; returns its path.
-    CUDA kernels are packed as an nvcc fatbin, exactly as compiled libraries ship them."""
-    import tempfile
-
+def _build_one(mod, target, cross_cc: str | None, cuda_arch: str | None, scratch: str) -> str:
+    """Build one candidate in a worker and export it to a .so in a fresh folder under `scratch`;
+    returns its path. CUDA kernels are packed as an nvcc fatbin, exactly as compiled libraries ship them."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
     rt_mod = default_build(mod, target, None)
-    path = os.path.join(tempfile.mkdtemp(prefix="nasc-tune-"), "kernel.so")
+    path = os.path.join(tempfile.mkdtemp(dir=scratch), "kernel.so")
     if cuda_arch:
         from nasc.backends.cuda import fatbin_packer
 
@@ -341,8 +342,8 @@ def _build_one(mod, target, cross_cc: str | None, cuda_arch: str | None) -> str:
     return path
 
 
-def _make_builder(max_workers: int, cross_cc: str | None, cuda_arch: str | None = None):
-    """A MetaSchedule builder whose worker processes live across batches.
+def _make_builder(max_workers: int, cross_cc: str | None, cuda_arch: str | None, scratch: str):
+    """A MetaSchedule builder whose worker processes live across batches and build into `scratch`.
 
     TVM's LocalBuilder starts fresh workers for every batch, and each pays the TVM import plus
     the tensor-intrinsic parse; here workers start once (fast path) and are recycled after
@@ -361,7 +362,7 @@ def _make_builder(max_workers: int, cross_cc: str | None, cuda_arch: str | None 
 
         def build(self, build_inputs):
             out = []
-            for r in self.pool.map_with_error_catching(lambda b: _build_one(b.mod, b.target, cross_cc, cuda_arch), build_inputs):
+            for r in self.pool.map_with_error_catching(lambda b: _build_one(b.mod, b.target, cross_cc, cuda_arch, scratch), build_inputs):
                 if r.status == StatusKind.COMPLETE:
                     out.append(BuilderResult(r.value, None))
                 elif r.status == StatusKind.TIMEOUT:
@@ -479,8 +480,6 @@ def tune(
     (Ctrl-C, a time budget) keeps them. `trials` is a total per kernel: a later run gives each
     kernel still short of it the trials it lacks.
     """
-    import tempfile
-
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -504,82 +503,87 @@ def tune(
     deferred: list[int] = []
     best: dict[str, float] = {}
     state = {"stopped": "done" if todo else "nothing-to-tune", "done": 0}
+    deadline = t0 + time_budget_s if time_budget_s is not None else math.inf
+
+    def out_of_time() -> bool:
+        if time.perf_counter() < deadline:
+            return False
+        state["stopped"] = "time-budget"
+        return True
 
     if todo:
-        fast_tensor_intrinsics()
-        ttarget = tuning_target(target, num_cores)
-        cross_cc = target.cross_compiler
-        runner = _make_runner(target, rpc)
-        builder = _make_builder(_physical_cores(), cross_cc, target.spec.get("arch") if target.kind == "cuda" else None)
-        unseeded = [i for i in todo if "default_s" not in index[keys[i]]]
-        if unseeded:
-            if progress:
-                progress(TuneProgress(0, len(todo), 0, trials * len(todo), time.perf_counter() - t0, None,
-                                      "measuring default schedules"))
-            for i, s in zip(unseeded, _measure_defaults([tasks[i].dispatched[0] for i in unseeded], target,
-                                                         ttarget, builder, runner, db)):
-                index[keys[i]]["default_s"] = s
-            _write_json(path / INDEX_FILE, index)
-        todo, deferred = _focus(todo, [tasks[i].weight for i in range(len(tasks))],
-                                [index[k].get("default_s") for k in keys], time_share)
-        measured = {keys[i]: 0 for i in todo}
-        # `trials` is a total per kernel: a kernel searched before, or cut short, gets the rest
-        wanted = {keys[i]: max(1, trials - index[keys[i]]["trials"]) for i in todo}
-        work_dir = tempfile.mkdtemp(prefix="nasc-tune-logs-")
-        contexts = [
-            ms.TuneContext(mod=tasks[i].dispatched[0], target=ttarget, space_generator="post-order-apply",
-                           search_strategy=_search_strategy(trials, wanted[keys[i]]), task_name=tasks[i].task_name,
-                           logger=ms.logging.get_logger(f"nasc.tune.{i}"), rand_state=seed + i,
-                           num_threads=_physical_cores()).clone()
-            for i in todo
-        ]
-        _quiet_loggers()
-        total = sum(wanted.values())
-
-        @derived_object
-        class _Progress(ms.measure_callback.PyMeasureCallback):
-            """Counts trials, keeps the kernel index current and enforces the time budget."""
-
-            def apply(self, scheduler, task_id, candidates, builder_results, runner_results):
-                k = keys[todo[task_id]]
-                if not candidates:
-                    # the search found nothing new: a small space is exhausted, asking again only costs time
-                    index[k]["requested"] = max(index[k]["requested"], trials)
-                    scheduler.terminate_task(task_id)
-                measured[k] += len(candidates)
-                index[k]["trials"] += len(candidates)
-                for r in runner_results:
-                    if r.run_secs:
-                        s = sum(float(x) for x in r.run_secs) / len(r.run_secs)
-                        if s < _NO_RUN_S:
-                            best[tasks[todo[task_id]].task_name] = min(best.get(tasks[todo[task_id]].task_name, s), s)
-                if measured[k] >= wanted[k]:
-                    index[k]["requested"] = max(index[k]["requested"], trials)
-                _write_json(path / INDEX_FILE, index)
-                elapsed = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="nasc-tune-") as scratch:
+            fast_tensor_intrinsics()
+            ttarget = tuning_target(target, num_cores)
+            cross_cc = target.cross_compiler
+            runner = _make_runner(target, rpc)
+            builder = _make_builder(_physical_cores(), cross_cc, target.spec.get("arch") if target.kind == "cuda" else None,
+                                    scratch)
+            unseeded = [i for i in todo if "default_s" not in index[keys[i]]]
+            if unseeded:
                 if progress:
-                    done_trials = sum(min(v, wanted[key]) for key, v in measured.items())
-                    done_k = sum(1 for key, v in measured.items() if v >= wanted[key])
-                    eta = elapsed / done_trials * (total - done_trials) if done_trials else None
-                    progress(TuneProgress(done_k, len(todo), done_trials, total, elapsed, eta,
-                                          tasks[todo[task_id]].task_name, dict(best)))
-                if time_budget_s is not None and elapsed >= time_budget_s:
-                    # leave the scheduler like Ctrl-C does: everything measured so far is committed
-                    state["stopped"] = "time-budget"
-                    raise _BudgetSpent()
+                    progress(TuneProgress(0, len(todo), 0, trials * len(todo), time.perf_counter() - t0, None,
+                                          "measuring default schedules"))
+                for i, s in zip(unseeded, _measure_defaults([tasks[i].dispatched[0] for i in unseeded], target,
+                                                             ttarget, builder, runner, db)):
+                    index[keys[i]]["default_s"] = s
+                _write_json(path / INDEX_FILE, index)
+            todo, deferred = _focus(todo, [tasks[i].weight for i in range(len(tasks))],
+                                    [index[k].get("default_s") for k in keys], time_share)
+            measured = {keys[i]: 0 for i in todo}
+            # `trials` is a total per kernel: a kernel searched before, or cut short, gets the rest
+            wanted = {keys[i]: max(1, trials - index[keys[i]]["trials"]) for i in todo}
+            contexts = [
+                ms.TuneContext(mod=tasks[i].dispatched[0], target=ttarget, space_generator="post-order-apply",
+                               search_strategy=_search_strategy(tasks[i].dispatched[0], ttarget, trials, wanted[keys[i]],
+                                                                out_of_time),
+                               task_name=tasks[i].task_name, logger=ms.logging.get_logger(f"nasc.tune.{i}"),
+                               rand_state=seed + i, num_threads=_physical_cores()).clone()
+                for i in todo
+            ]
+            _quiet_loggers()
+            total = sum(wanted.values())
 
-        try:
+            @derived_object
+            class _Progress(ms.measure_callback.PyMeasureCallback):
+                """Counts trials, keeps the kernel index current and ends the kernels the search is done with."""
+
+                def apply(self, scheduler, task_id, candidates, builder_results, runner_results):
+                    k = keys[todo[task_id]]
+                    if not candidates:
+                        # out of time, or the search found nothing new: a small space is exhausted, and
+                        # asking again only costs time
+                        if state["stopped"] != "time-budget":
+                            index[k]["requested"] = max(index[k]["requested"], trials)
+                        scheduler.terminate_task(task_id)
+                    measured[k] += len(candidates)
+                    index[k]["trials"] += len(candidates)
+                    for r in runner_results:
+                        if r.run_secs:
+                            s = sum(float(x) for x in r.run_secs) / len(r.run_secs)
+                            if s < _NO_RUN_S:
+                                best[tasks[todo[task_id]].task_name] = min(best.get(tasks[todo[task_id]].task_name, s), s)
+                    if measured[k] >= wanted[k]:
+                        index[k]["requested"] = max(index[k]["requested"], trials)
+                    _write_json(path / INDEX_FILE, index)
+                    elapsed = time.perf_counter() - t0
+                    if progress and candidates:
+                        done_trials = sum(min(v, wanted[key]) for key, v in measured.items())
+                        done_k = sum(1 for key, v in measured.items() if v >= wanted[key])
+                        eta = elapsed / done_trials * (total - done_trials) if done_trials else None
+                        progress(TuneProgress(done_k, len(todo), done_trials, total, elapsed, eta,
+                                              tasks[todo[task_id]].task_name, dict(best)))
+
+            # Out of time, every kernel's next round is empty and ends its search, so the scheduler
+            # joins (and commits) each round already in flight: the budget is overrun by that round
+            # at most, never by rounds started after it.
             ms.tune_tasks(
-                tasks=contexts, task_weights=[float(tasks[i].weight) for i in todo], work_dir=work_dir,
+                tasks=contexts, task_weights=[float(tasks[i].weight) for i in todo], work_dir=scratch,
                 max_trials_global=total, max_trials_per_task=trials, num_trials_per_iter=min(MAX_TRIALS_PER_ITER, trials),
                 builder=builder, runner=runner, database=db, cost_model=COST_MODEL,
                 measure_callbacks=ms.MeasureCallback.create("default") + [_Progress()],
                 task_scheduler=TASK_SCHEDULER, module_equality=MODULE_EQUALITY,
             )
-        except (_BudgetSpent, RuntimeError):
-            # the FFI hands our exception back as a RuntimeError; anything else is a real failure
-            if state["stopped"] != "time-budget":
-                raise
         if state["stopped"] == "done":
             # the search ended on its own: a kernel with a small space may have fewer candidates than asked
             for i in todo:
@@ -612,17 +616,30 @@ def _focus(todo: list[int], weights: list[int], default_s: list[float | None], s
     return [i for i in todo if i in keep], [i for i in todo if i not in keep]
 
 
-class _BudgetSpent(Exception):
-    """Raised from the measure callback to end a tuning run at its time budget."""
-
-
-def _search_strategy(trials: int, wanted: int):
-    """The search for one kernel: sized for `trials` in all, it measures at most `wanted` this run."""
+def _has_choices(mod, ttarget) -> bool:
+    """Whether any design space MetaSchedule generates for `mod` samples a decision (a tile size,
+    an unroll depth, a compute location). One that samples none is a single schedule."""
     from tvm.s_tir import meta_schedule as ms
 
-    population = min(POPULATION_MAX, max(POPULATION_MIN, POPULATION_PER_TRIAL * trials))
-    return _skipping_known()(ms.search_strategy.EvolutionarySearch(population_size=population,
-                                                                   init_min_unmeasured=min(population // 2, 50)), wanted)
+    ctx = ms.TuneContext(mod=mod, target=ttarget, space_generator="post-order-apply", num_threads=1)
+    return any(inst.kind.name.startswith("Sample")
+               for space in ctx.space_generator.generate_design_space(mod) for inst in space.trace.insts)
+
+
+def _search_strategy(mod, ttarget, trials: int, wanted: int, out_of_time: Callable[[], bool]):
+    """The search for one kernel: sized for `trials` in all, it measures at most `wanted` this run
+    and draws nothing once `out_of_time()`. A kernel whose design space holds a single schedule
+    replays it: an evolutionary search spent 160 s of a 600 s budget drawing ResNet-18's
+    Winograd input transform, its one schedule, from a population of 512."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not _has_choices(mod, ttarget):
+        inner = ms.search_strategy.ReplayTrace()
+    else:
+        population = min(POPULATION_MAX, max(POPULATION_MIN, POPULATION_PER_TRIAL * trials))
+        inner = ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                      init_min_unmeasured=min(population // 2, 50))
+    return _skipping_known()(inner, wanted, out_of_time)
 
 
 def _scheduled_modules(db, mod) -> list:
@@ -659,9 +676,10 @@ def _skipping_known():
 
     @derived_object
     class _SkipKnown(ms.search_strategy.PySearchStrategy):
-        def __init__(self, inner, wanted: int):
+        def __init__(self, inner, wanted: int, out_of_time: Callable[[], bool]):
             self.inner = inner
             self.wanted = wanted
+            self.out_of_time = out_of_time
             self.known: dict[int, list] = {}
 
         def _initialize_with_tune_context(self, context) -> None:
@@ -681,13 +699,20 @@ def _skipping_known():
             return any(tvm_ffi.structural_equal(mod, m) for m in self.known.get(tvm_ffi.structural_hash(mod), []))
 
         def generate_measure_candidates(self):
-            # A round of nothing but known schedules is asked again: an empty round would read as
-            # an exhausted search space. The inner search never repeats a candidate it sent.
+            # Out of time, the round is empty and ends the kernel's search. A round of nothing but
+            # known schedules is asked again: an empty round would read as an exhausted space.
+            if self.out_of_time():
+                return []
             for _ in range(KNOWN_ROUNDS_BEFORE_EXHAUSTED):
                 candidates = self.inner.generate_measure_candidates()
                 if candidates is None:
                     return None
-                fresh = [c for c in candidates if not self._is_known(c.sch.mod)]
+                fresh = []
+                for c in candidates:
+                    # a replayed single schedule comes back in every round: send it once
+                    if not self._is_known(c.sch.mod):
+                        self.known.setdefault(tvm_ffi.structural_hash(c.sch.mod), []).append(c.sch.mod)
+                        fresh.append(c)
                 if fresh or not candidates:
                     return fresh
                 self.inner.notify_runner_results([], [])
@@ -697,7 +722,7 @@ def _skipping_known():
             self.inner.notify_runner_results(measure_candidates, results)
 
         def clone(self):
-            return _SkipKnown(self.inner.clone(), self.wanted)
+            return _SkipKnown(self.inner.clone(), self.wanted, self.out_of_time)
 
     return _SkipKnown
 

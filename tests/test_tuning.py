@@ -18,6 +18,10 @@ from nasc.errors import NascError
 pytestmark = pytest.mark.slow
 
 TRIALS = 2
+SEARCH_TRIALS = 64         # more than a short budget reaches
+NO_TIME_S = 1.0            # spent before the search starts (the build and run workers alone start slower)
+SEARCH_BUDGET_S = 30.0     # the defaults of a DB that holds them, then some rounds
+ROUND_IN_FLIGHT_S = 60.0   # what a budget may be overrun by: the round drawn, built and run when it ran out
 ONE_KERNEL_SPLIT = "2"     # tiny's head at cut 2 is one fused conv kernel: the cheapest real tuning
 MANY_KERNEL_SPLIT = "7"    # several kernels
 # tiny's tail at cut 9 is its classifier alone; its tail at cut 2 runs the classifier too, after
@@ -208,19 +212,31 @@ def test_compile_with_db_matches_ort_and_reports_kernels(tuned_db, tmp_path):
 def test_time_budget_keeps_records_and_resumes(tuned_db, llvm):
     db, _, _ = tuned_db
     first = tuning.tune(model_to_tune("example:tiny", CLASSIFIER_TAIL_SPLIT, "tail"), llvm, db, trials=TRIALS)
-    model = model_to_tune("example:tiny", LONG_TAIL_SPLIT, "tail")
-    cut_short = tuning.tune(model, llvm, db, trials=TRIALS, time_budget_s=1.0)
-    assert cut_short.stopped == "time-budget"
-    assert 0 < cut_short.trials_measured < TRIALS * sum(not k.skipped for k in cut_short.kernels)
     shared = {k.workload_key for k in first.kernels}
-    assert any(k.skipped and k.workload_key in shared for k in cut_short.kernels), "a kernel tuned for another tail is reused"
-    measured = [k for k in cut_short.kernels if not k.skipped and k.trials > 0]
-    assert measured, "the batch measured before the budget ran out was committed"
-    # what was committed is in the DB a fresh process would open, and finished kernels are not redone
-    assert {k.workload_key for k in measured} <= set(tuning.tuned_kernel_times(db, llvm))
-    done = {k.workload_key for k in measured if k.trials >= TRIALS}
-    resumed = tuning.tune(model, llvm, db, trials=TRIALS, time_budget_s=1.0)
-    assert all(k.skipped for k in resumed.kernels if k.workload_key in done | shared)
+    model = model_to_tune("example:tiny", LONG_TAIL_SPLIT, "tail")
+
+    # out of time before the search begins: the default schedules are measured and kept, no round is drawn
+    no_time = tuning.tune(model, llvm, db, trials=TRIALS, time_budget_s=NO_TIME_S)
+    assert no_time.stopped == "time-budget" and no_time.trials_measured == 0
+    assert any(k.skipped and k.workload_key in shared for k in no_time.kernels), "a kernel tuned for another tail is reused"
+    own = [k for k in no_time.kernels if not k.skipped]
+    assert own and all(k.default_s and k.trials == 1 for k in own), "each default schedule is a committed record"
+    assert {k.workload_key for k in own} <= set(tuning.tuned_kernel_times(db, llvm))
+
+    # out of time mid-search: rounds drawn before the budget ran out are measured and committed,
+    # none is drawn after it
+    cut_short = tuning.tune(model, llvm, db, trials=SEARCH_TRIALS, time_budget_s=SEARCH_BUDGET_S)
+    assert cut_short.stopped == "time-budget"
+    assert cut_short.elapsed_s < SEARCH_BUDGET_S + ROUND_IN_FLIGHT_S
+    assert 0 < cut_short.trials_measured < SEARCH_TRIALS * len(own)
+    searched = [k for k in cut_short.kernels if k.trials > 1]
+    assert searched and all(k.best_s <= k.default_s for k in searched)
+
+    # a later run takes up exactly the kernels whose search is unfinished
+    index = json.loads((tuning.db_path(db, llvm) / tuning.INDEX_FILE).read_text())
+    unfinished = {k.workload_key for k in cut_short.kernels if index[k.workload_key]["requested"] < SEARCH_TRIALS}
+    resumed = tuning.tune(model, llvm, db, trials=SEARCH_TRIALS, time_budget_s=NO_TIME_S)
+    assert unfinished and {k.workload_key for k in resumed.kernels if not k.skipped} == unfinished
 
 
 def test_time_share_searches_the_kernels_that_carry_the_time(tmp_path, llvm):

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="llvm | aarch64 | cuda[:sm_XX] | JSON dict (as for nasc-compile)")
     p.add_argument("--db", required=True, metavar="DIR", help="tuning database directory, shared across models and runs")
     p.add_argument("--trials", type=int, default=tuning.DEFAULT_TRIALS_PER_KERNEL, help="measured candidates per kernel (default %(default)s)")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this long; what was measured is kept")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="draw no search round after this long (rounds in flight finish); what was measured is kept")
     p.add_argument("--time-share", type=float, default=1.0, metavar="FRACTION",
                    help="search only the kernels making up this share of the measured default time, largest first "
                         "(default %(default)s: all); the rest keep their default schedules")
