@@ -571,6 +571,8 @@ def tune(
                         done_trials = sum(min(v, wanted[key]) for key, v in measured.items())
                         done_k = sum(1 for key, v in measured.items() if v >= wanted[key])
                         eta = elapsed / done_trials * (total - done_trials) if done_trials else None
+                        if eta is not None:
+                            eta = max(0.0, min(eta, deadline - time.perf_counter()))
                         progress(TuneProgress(done_k, len(todo), done_trials, total, elapsed, eta,
                                               tasks[todo[task_id]].task_name, dict(best)))
 

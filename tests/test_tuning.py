@@ -225,8 +225,11 @@ def test_time_budget_keeps_records_and_resumes(tuned_db, llvm):
 
     # out of time mid-search: rounds drawn before the budget ran out are measured and committed,
     # none is drawn after it
-    cut_short = tuning.tune(model, llvm, db, trials=SEARCH_TRIALS, time_budget_s=SEARCH_BUDGET_S)
+    seen = []
+    cut_short = tuning.tune(model, llvm, db, trials=SEARCH_TRIALS, time_budget_s=SEARCH_BUDGET_S, progress=seen.append)
     assert cut_short.stopped == "time-budget"
+    etas = [p for p in seen if p.eta_s is not None]
+    assert etas and all(p.eta_s <= max(0.0, SEARCH_BUDGET_S - p.elapsed_s) + 1.0 for p in etas), "no ETA past the budget"
     assert cut_short.elapsed_s < SEARCH_BUDGET_S + ROUND_IN_FLIGHT_S
     assert 0 < cut_short.trials_measured < SEARCH_TRIALS * len(own)
     searched = [k for k in cut_short.kernels if k.trials > 1]
