@@ -502,7 +502,7 @@ def tune(
     measured = {keys[i]: 0 for i in todo}
     deferred: list[int] = []
     best: dict[str, float] = {}
-    state = {"stopped": "done" if todo else "nothing-to-tune", "done": 0}
+    state = {"stopped": "done" if todo else "nothing-to-tune"}
     deadline = t0 + time_budget_s if time_budget_s is not None else math.inf
 
     def out_of_time() -> bool:
@@ -572,7 +572,7 @@ def tune(
                         done_k = sum(1 for key, v in measured.items() if v >= wanted[key])
                         eta = elapsed / done_trials * (total - done_trials) if done_trials else None
                         if eta is not None:
-                            eta = max(0.0, min(eta, deadline - time.perf_counter()))
+                            eta = max(0.0, min(eta, deadline - t0 - elapsed))
                         progress(TuneProgress(done_k, len(todo), done_trials, total, elapsed, eta,
                                               tasks[todo[task_id]].task_name, dict(best)))
 
