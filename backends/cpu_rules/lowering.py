@@ -19,6 +19,8 @@ PAD_BLOCK_NAME = "nasc_conv_pad"
 # The narrowest channel block worth a blocked layout: one 128-bit vector of float32.
 MIN_CONV_BLOCK = 4
 MATMUL_BLOCK_NAME = "nasc_matmul_packed"
+POOL_BLOCK_NAME = "nasc_pool"
+POOL_PAD_NAME = "nasc_pool_pad"
 TO_BLOCKED_NAME = "nasc_to_blocked"
 TO_PLAIN_NAME = "nasc_to_plain"
 # A conv weight slice (one output block) up to this size is read from L1 (32-48 KB on current x86
@@ -70,6 +72,39 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
 
     return te.compute((data.shape[0], o_chunks, out_h, out_w, o_block), compute,
                       name=CONV_BLOCK_NAME)
+
+
+def pool2d_nchwc(data: te.Tensor, kind: str, kernel, strides, padding, count_include_pad: bool) -> te.Tensor:
+    """Max or average pool (floor mode, no dilation) of data [N, C/c, H, W, c].
+
+    Padding is a stage of its own, so that the schedule pads each chunk of rows inside the pool's
+    parallel loop and the window reads carry no bounds checks (topi's pool tests every read)."""
+    _, _, height, width, _ = (int(d) for d in data.shape)
+    (kh, kw), (sh, sw) = kernel, strides
+    top, left, bottom, right = padding
+    out_h = (height + top + bottom - kh) // sh + 1
+    out_w = (width + left + right - kw) // sw + 1
+    shape = (data.shape[0], data.shape[1], out_h, out_w, data.shape[4])
+    if any(padding):
+        fill = tirx.const(0.0, data.dtype) if kind == "avg" else te.min_value(data.dtype)
+        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], pad_value=fill, name=POOL_PAD_NAME)
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    reduce = te.max if kind == "max" else te.sum
+    pooled = te.compute(shape, lambda n, c, y, x, lane: reduce(data[n, c, y * sh + ry, x * sw + rx, lane], axis=[ry, rx]),
+                        name=POOL_BLOCK_NAME)
+    if kind == "max":
+        return pooled
+
+    def count(y, x):
+        if count_include_pad:
+            return tirx.const(kh * kw, "int32")
+        rows = te.min(y * sh - top + kh, height) - te.max(y * sh - top, 0)
+        cols = te.min(x * sw - left + kw, width) - te.max(x * sw - left, 0)
+        return te.max(rows * cols, 1)
+
+    return te.compute(shape, lambda n, c, y, x, lane: pooled[n, c, y, x, lane] / count(y, x).astype(data.dtype),
+                      name=POOL_BLOCK_NAME + "_avg")
 
 
 def nchw_to_nchwc(data: te.Tensor, block: int) -> te.Tensor:
@@ -243,7 +278,7 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
 
 @expr_functor.mutator
 class _CpuOpLowerer(PyExprMutator):
-    """Lowers NCHW{c}c conv2d (which LegalizeOps cannot) and constant-weight matmul to TIR."""
+    """Lowers NCHW{c}c conv2d (which LegalizeOps cannot), NCHW{c}c pools and constant-weight matmul to TIR."""
 
     def __init__(self, mod: tvm.IRModule, panel: int, winograd: bool):
         super().__init__(mod)
@@ -257,6 +292,8 @@ class _CpuOpLowerer(PyExprMutator):
             return self._conv2d(call)
         if call.op.name == "relax.matmul":
             return self._matmul(call)
+        if call.op.name in ("relax.nn.max_pool2d", "relax.nn.avg_pool2d"):
+            return self._pool2d(call)
         if call.op.name == "relax.layout_transform" and not isinstance(call.args[0], tvm.ir.expr.Constant):
             block = _to_blocked_block(call)
             if block:
@@ -289,6 +326,18 @@ class _CpuOpLowerer(PyExprMutator):
                                      ints(attrs.strides), ints(attrs.padding),
                                      ints(attrs.dilation), int(attrs.groups), _out_dtype(call),
                                      primfunc_name_hint="conv2d_nchwc")
+
+    def _pool2d(self, call: relax.Call) -> relax.Expr:
+        attrs = call.attrs
+        shape, ints = _static_shape(call.args[0]), (lambda xs: [int(x) for x in xs])  # noqa: E731
+        if not (shape is not None and len(shape) == 5 and _blocked_layout(attrs.layout) and attrs.out_layout == attrs.layout
+                and not attrs.ceil_mode and ints(attrs.dilation) == [1, 1] and str(call.args[0].ty.dtype) == "float32"):
+            return call
+        kind = "max" if call.op.name == "relax.nn.max_pool2d" else "avg"
+        return self.builder_.call_te(pool2d_nchwc, call.args[0], kind, ints(attrs.pool_size), ints(attrs.strides),
+                                     ints(attrs.padding), bool(attrs.count_include_pad),
+                                     primfunc_name_hint=f"{kind}_pool2d_nchwc",
+                                     primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
     def _winograd_fits(self, call: relax.Call) -> bool:
         attrs = call.attrs
@@ -552,7 +601,7 @@ class _ConvertConvLayout:
 
 def lowering_passes(channel_block: int, matmul_panel: int, winograd: bool = True) -> list[tvm.transform.Pass]:
     """Relax passes, before LegalizeOps: NCHW{c}c convs (c from `conv_block`), Winograd for the 3x3
-    ones `winograd.fits` (unless `winograd` is False), packed matmul weights."""
+    ones `winograd.fits` (unless `winograd` is False), NCHW{c}c pools, packed matmul weights."""
     # FoldConstant first turns Gemm's transposed weight into a plain constant the matmul
     # lowering can pack.
     # ConvertLayout gives each reader of a tensor its own layout_transform; CSE keeps one per
