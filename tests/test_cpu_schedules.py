@@ -16,7 +16,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.relax.frontend.onnx import from_onnx
 
 from nasc.backends import cpu_schedules as cs
-from nasc.backends.cpu_rules.tir_rules import TO_PLAIN_TILE_COLS, TRANSPOSE_TILE_COLS
+from nasc.backends.cpu_rules.tir_rules import DEPTHWISE_CHUNK_ROWS, TO_PLAIN_TILE_COLS, TRANSPOSE_TILE_COLS
 from nasc.examples import build
 from nasc.examples.zoo import resnet
 
@@ -545,7 +545,8 @@ def test_avx2_conv_accumulates_in_a_tall_register_tile():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_conv_pads_the_rows_it_reads_inside_its_parallel_loop(stride):
-    """No separate pass pads a depthwise conv's whole input, and its tile is one block tall."""
+    """No separate pass pads a depthwise conv's whole input: each parallel chunk of output rows
+    pads the input rows it reads, once (not 3 rows for every output row); its tile is one block tall."""
     model = _conv_block(32, 32, 3, stride=stride, groups=32, hw=16)
     _assert_matches_ort(model)
     mod = _scheduled_module(model)
@@ -555,5 +556,9 @@ def test_depthwise_conv_pads_the_rows_it_reads_inside_its_parallel_loop(stride):
     pad_loops = sch.get_loops(sch.get_sblock("nasc_conv_pad"))
     assert sch.get(pad_loops[0]).same_as(sch.get(conv_nest)), "the pad runs as its own pass"
     assert sch.get(conv_nest).kind == tvm.tirx.ForKind.PARALLEL
+    out_rows = 16 // stride
+    chunk = max(d for d in range(1, DEPTHWISE_CHUNK_ROWS + 1) if out_rows % d == 0)
+    pad_rows = [int(sch.get(lp).extent) for lp in pad_loops[1:]][2]
+    assert pad_rows == (chunk - 1) * stride + 3 > 3, "a chunk of rows pads the input rows its output rows read"
     write_back = sch.get_loops(sch.get_sblock("nasc_conv2d_nchwc_intermediate_local"))
     assert int(sch.get(write_back[-4]).extent) == 1
