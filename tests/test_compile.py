@@ -182,3 +182,50 @@ def test_runner_results_outlive_the_next_call():
         assert not np.array_equal(first[k], second[k]), k
         want = ort.run(head, first_feeds)[k]
         assert np.abs(first[k] - want).max() <= 1e-3 * max(1.0, np.abs(want).max()), k
+
+
+def _aligned_copy(x: np.ndarray, offset_bytes: int) -> np.ndarray:
+    """`x` copied to storage whose data starts `offset_bytes` past a 64-byte boundary."""
+    raw = np.empty(x.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data % 64) + offset_bytes
+    out = raw[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+@pytest.mark.parametrize("layout", ["aligned", "misaligned", "read-only", "strided"])
+def test_runner_takes_any_feed_and_returns_no_storage_it_reuses(layout):
+    """Aligned host feeds are wrapped without a copy, others are copied into a tensor the Runner
+    keeps: results match ORT whatever the feed's alignment, flags and strides, the feed is left
+    as it was, and an output that passes an input through (a reshape) is a copy, so the next
+    call neither changes it nor is changed by it."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 6, 6])
+    outs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 6, 6]),
+            helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 144])]
+    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [1, 144])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Reshape", ["x", "shape"], ["z"])],
+                              "pass_through", [x], outs, [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    run = Runner(tvm_compile(model, resolve_target("llvm")), "cpu", ["x"], ["y", "z"])
+    rng = np.random.default_rng(0)
+
+    def feed(seed_value: np.ndarray) -> np.ndarray:
+        if layout == "strided":
+            return np.ascontiguousarray(seed_value.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+        f = _aligned_copy(seed_value, 0 if layout in ("aligned", "read-only") else 4)
+        f.setflags(write=layout != "read-only")
+        return f
+
+    values = [rng.standard_normal((1, 4, 6, 6)).astype(np.float32) for _ in range(2)]
+    feeds = [feed(v) for v in values]
+    first = run({"x": feeds[0]})
+    kept = {k: v.copy() for k, v in first.items()}
+    second = run({"x": feeds[1]})
+    for value, f, got in zip(values, feeds, (first, second)):
+        assert np.array_equal(f, value), "the feed is unchanged"
+        want = ort.run(model, {"x": value})
+        for k in ("y", "z"):
+            assert np.array_equal(got[k], want[k]), k
+        assert not np.shares_memory(got["z"], f)
+    for k in ("y", "z"):
+        assert np.array_equal(first[k], kept[k]), k
