@@ -263,10 +263,10 @@ def test_a_received_tensor_is_blocked_once_and_its_readers_follow():
     assert sum("layout_transform" in n for n in names) == 2, names
 
 
-def _transpose_tile(in_shape, index_map, data, want, name: str) -> tuple[int, int]:
-    """Compiles a lone layout_transform with the CPU pipeline, checks it moves `data` to `want`,
-    and that its block `name` runs in tiles, both tile loops unrolled and an outer one parallel;
-    returns (pixels, channels) per tile."""
+def _transpose_tile(in_shape, index_map, data, want, name: str) -> tuple[list, int, int]:
+    """Compiles a lone layout_transform with the CPU pipeline, checks it moves `data` to `want`
+    and that an outer loop of its block `name` is parallel; returns the kinds of the two inner
+    loops and their extents (pixels, channels) per tile."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(in_shape, "float32"))
     with bb.function("main", [x]):
@@ -283,8 +283,8 @@ def _transpose_tile(in_shape, index_map, data, want, name: str) -> tuple[int, in
     sch = tvm.s_tir.Schedule(func)
     loops = sch.get_loops(sch.get_sblock(name))
     kinds = [sch.get(lp).kind for lp in loops]
-    assert kinds[-2:] == [tvm.tirx.ForKind.UNROLLED] * 2 and tvm.tirx.ForKind.PARALLEL in kinds
-    return int(sch.get(loops[-1]).extent), int(sch.get(loops[-2]).extent)
+    assert tvm.tirx.ForKind.PARALLEL in kinds
+    return kinds[-2:], int(sch.get(loops[-1]).extent), int(sch.get(loops[-2]).extent)
 
 
 @pytest.mark.parametrize("shape,block", [((1, 32, 7, 14), 16), ((1, 24, 5, 9), 8), ((2, 16, 4, 16), 4),
@@ -294,8 +294,10 @@ def test_transform_to_blocked_is_a_tiled_transpose(shape, block):
     (TVM's own loop over the input scattered every value: 0.29 ms for 64x56x56, now 0.04)."""
     n, c, h, w = shape
     data = np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)
-    tile, channels = _transpose_tile(shape, lambda n_, c_, y, x_: (n_, c_ // block, y, x_, c_ % block), data,
-                                     data.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2), "nasc_to_blocked")
+    kinds, tile, channels = _transpose_tile(shape, lambda n_, c_, y, x_: (n_, c_ // block, y, x_, c_ % block), data,
+                                            data.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2),
+                                            "nasc_to_blocked")
+    assert kinds == [tvm.tirx.ForKind.UNROLLED] * 2
     assert channels == block and (h * w) % tile == 0
     if w == 28:  # rows of 28 pixels would leave tiles of 7: the tile runs across rows, 8 pixels wide
         assert tile == TRANSPOSE_TILE_COLS
@@ -303,15 +305,22 @@ def test_transform_to_blocked_is_a_tiled_transpose(shape, block):
 
 @pytest.mark.parametrize("shape,block", [((1, 32, 7, 16), 16), ((1, 24, 5, 9), 8), ((1, 32, 4, 28), 16), ((2, 8, 3, 3), 4)])
 def test_transform_to_plain_is_a_tiled_transpose(shape, block):
-    """NCHW{c}c -> NCHW, the layout a head sends its cut tensors in, runs over its output in tiles
-    of a channel block x one cache line of pixels, both loops unrolled (256x14x14 at one thread:
+    """NCHW{c}c -> NCHW, the layout a head sends its cut tensors in, runs over its output: where
+    the CPU gathers and the plane divides into vectors, a gathered vector of one channel's pixels
+    at a time (16x112x112 at 2 threads: 0.046 ms tiled, 0.026 gathered); else in tiles of a
+    channel block x one cache line of pixels, both loops unrolled (256x14x14 at one thread:
     0.030 ms as TVM's own layout_transform, 0.015 tiled)."""
     n, c, h, w = shape
     blocked = (n, c // block, h, w, block)
     data = np.random.default_rng(SEED).standard_normal(blocked).astype(np.float32)
-    tile, channels = _transpose_tile(blocked, lambda n_, co, y, x_, ci: (n_, co * block + ci, y, x_), data,
-                                     data.transpose(0, 1, 4, 2, 3).reshape(shape), "nasc_to_plain")
+    kinds, tile, channels = _transpose_tile(blocked, lambda n_, co, y, x_, ci: (n_, co * block + ci, y, x_), data,
+                                            data.transpose(0, 1, 4, 2, 3).reshape(shape), "nasc_to_plain")
     assert channels == block and (h * w) % tile == 0
+    spec = cs.cpu_vector_spec(HOST)
+    if spec.gathers and (h * w) % spec.lanes == 0:
+        assert kinds == [tvm.tirx.ForKind.UNROLLED, tvm.tirx.ForKind.VECTORIZED] and tile == spec.lanes
+        return
+    assert kinds == [tvm.tirx.ForKind.UNROLLED] * 2
     if w % TO_PLAIN_TILE_COLS == 0 or (h * w) % TO_PLAIN_TILE_COLS == 0:  # whole cache lines, across rows if need be
         assert tile == TO_PLAIN_TILE_COLS
 
@@ -514,6 +523,13 @@ def test_host_vector_spec_matches_cpu():
 
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+
+
+@pytest.mark.parametrize("target, gathers", [(AVX2, True), (AVX512, True), (AARCH64, False),
+                                             (tvm.target.Target({"kind": "llvm", "mcpu": "sandybridge"}), False)])
+def test_vector_spec_says_which_cpus_gather(target, gathers):
+    """AVX2 and AVX-512 gather a vector from strided lanes in one instruction; AVX and NEON do not."""
+    assert cs.cpu_vector_spec(target).gathers == gathers
 
 
 @pytest.mark.parametrize("target, blocks, width, tile", [

@@ -265,14 +265,25 @@ def _schedule_to_blocked(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
 
 
 def _schedule_to_plain(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
-    """NCHW{c}c -> NCHW (a layout transform alone) as a tiled transpose: a block of channels x a
-    cache line of pixels, both loops unrolled."""
+    """NCHW{c}c -> NCHW (a layout transform alone): with gathers, a vector of each channel's pixels
+    at a time; else a tiled transpose, a block of channels x a cache line of pixels, both loops
+    unrolled."""
     block = _find_block(sch, lambda b: sch.get(b).name_hint.startswith(TO_PLAIN_NAME))
     if block is None or len(_root_blocks(sch)) != 1:
         return False
     chunk = int(sch.get(block).reads[0].source.shape[-1])
     n, c, h, w = sch.get_loops(block)
     co, ci = sch.split(c, [None, chunk])
+    if spec.gathers and (_extent(sch, h) * _extent(sch, w)) % spec.lanes == 0:
+        # A channel's pixels lie `chunk` floats apart in the blocks and side by side in its plane:
+        # one gather and one vector store per vector of pixels. 16x112x112 at 2 threads: 0.046 ms
+        # in scalar tiles, 0.026 so; 32x112x112 0.087 -> 0.041, 64x56x56 0.044 -> 0.029.
+        hwo, hwi = sch.split(sch.fuse(h, w), [None, spec.lanes])
+        sch.reorder(n, co, hwo, ci, hwi)
+        sch.unroll(ci)
+        sch.vectorize(hwi)
+        _parallel_outer(sch, [n, co, hwo])
+        return True
     _tile_transpose(sch, n, co, h, w, ci, TO_PLAIN_TILE_COLS)
     return True
 

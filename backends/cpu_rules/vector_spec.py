@@ -34,6 +34,8 @@ class CpuVectorSpec:
     conv_tile_cols: int = REGISTER_TILE_COLS
     conv_tile_rows: int = 1
     conv_tile_accumulators: int = REGISTER_TILE_COLS
+    # AVX2 and AVX-512 load a vector from lanes a stride apart in one instruction (a gather)
+    gathers: bool = False
 
     def conv_tile(self, channel_blocks: int, width: int) -> tuple[int, int]:
         """(rows, cols) of the register tile for a conv with `channel_blocks` output blocks and
@@ -68,9 +70,12 @@ def cpu_vector_spec(target: tvm.target.Target) -> CpuVectorSpec:
     else:
         bits = 128
     block = max(bits, MIN_CHANNEL_BLOCK_BITS) // FLOAT32_BITS
+    gathers = bits >= 256 and tvm.target.codegen.llvm_cpu_has_features("avx2", target)
     if bits == 512:
-        return CpuVectorSpec(bits, block, conv_tile_rows=AVX512_TILE_ROWS, conv_tile_accumulators=AVX512_TILE_ACCUMULATORS)
+        return CpuVectorSpec(bits, block, conv_tile_rows=AVX512_TILE_ROWS, conv_tile_accumulators=AVX512_TILE_ACCUMULATORS,
+                             gathers=gathers)
     if bits == 256:
-        return CpuVectorSpec(bits, block, conv_tile_rows=AVX2_TILE_ROWS, conv_tile_accumulators=AVX2_TILE_ACCUMULATORS)
+        return CpuVectorSpec(bits, block, conv_tile_rows=AVX2_TILE_ROWS, conv_tile_accumulators=AVX2_TILE_ACCUMULATORS,
+                             gathers=gathers)
     # NEON and SSE: a block is 256 bits, two registers, so one block x 8 columns is 16 of them
     return CpuVectorSpec(bits, block)
