@@ -160,11 +160,11 @@ def _schedule_conv_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     rows, cols = spec.conv_tile(1 if depthwise else _extent(sch, co), _extent(sch, ow))
     owo, owi = sch.split(ow, [None, cols])
     coo, coi = sch.split(co, [None, rows])
-    parallel = [n, coo, oh]
+    parallel, chunk_rows = [n, coo, oh], []
     if depthwise:
-        oh, ohi = sch.split(oh, [None, _largest_divisor(_extent(sch, oh), DEPTHWISE_CHUNK_ROWS)])
-        parallel = [n, coo, oh]
-        oh = ohi
+        # chunks of output rows in parallel, each padding the input rows it reads (_pad_per_chunk)
+        oh_chunk, oh = sch.split(oh, [None, _largest_divisor(_extent(sch, oh), DEPTHWISE_CHUNK_ROWS)])
+        parallel, chunk_rows = [n, coo, oh_chunk], [oh]
     if in_channels % c_block == 0 and in_channels > c_block:
         rco, rci = sch.split(rc, [None, c_block])
         sch.reorder(n, coo, oh, owo, rco, ry, rx, rci, coi, owi, ci)
@@ -173,18 +173,18 @@ def _schedule_conv_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
         sch.unroll(rci)
     else:
         rco = rc
-        sch.reorder(*parallel, *([oh] if depthwise else []), owo, rco, ry, rx, coi, owi, ci)
+        sch.reorder(*parallel, *chunk_rows, owo, rco, ry, rx, coi, owi, ci)
     sch.unroll(coi)
     sch.unroll(owi)
     sch.vectorize(ci)
     _tile_accumulator(sch, conv, owo, rco, parallel)
     if depthwise:
-        _pad_per_row(sch, conv)
+        _pad_per_chunk(sch, conv)
     _schedule_remaining(sch, spec, skip=[conv])
     return True
 
 
-def _pad_per_row(sch: s_tir.Schedule, conv) -> None:
+def _pad_per_chunk(sch: s_tir.Schedule, conv) -> None:
     """Pads the input rows each parallel chunk of output rows reads, inside the conv's parallel
     loop. A depthwise conv does 9 FMAs per value it reads: padding its whole input first, a
     separate pass through memory, took as long as the conv (MobileNetV2's stride-2 depthwise convs
