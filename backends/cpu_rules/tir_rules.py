@@ -179,21 +179,21 @@ def _schedule_conv_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     sch.vectorize(ci)
     _tile_accumulator(sch, conv, owo, rco, parallel)
     if depthwise:
-        _pad_per_chunk(sch, conv)
+        _pad_per_chunk(sch, conv, PAD_BLOCK_NAME)
     _schedule_remaining(sch, spec, skip=[conv])
     return True
 
 
-def _pad_per_chunk(sch: s_tir.Schedule, conv) -> None:
-    """Pads the input rows each parallel chunk of output rows reads, inside the conv's parallel
-    loop. A depthwise conv does 9 FMAs per value it reads: padding its whole input first, a
-    separate pass through memory, took as long as the conv (MobileNetV2's stride-2 depthwise convs
-    ran at 0.4x ONNX Runtime)."""
-    pads = [b for b in sch.get_producers(conv) if sch.get(b).name_hint.startswith(PAD_BLOCK_NAME)]
+def _pad_per_chunk(sch: s_tir.Schedule, block, pad_name: str) -> None:
+    """Pads the input rows each parallel chunk of output rows reads, inside `block`'s parallel
+    loop (`pad_name`: its padding stage). A depthwise conv does 9 FMAs per value it reads: padding
+    its whole input first, a separate pass through memory, took as long as the conv (MobileNetV2's
+    stride-2 depthwise convs ran at 0.4x ONNX Runtime)."""
+    pads = [b for b in sch.get_producers(block) if sch.get(b).name_hint.startswith(pad_name)]
     if len(pads) != 1:
         return
     try:
-        sch.compute_at(pads[0], sch.get_loops(conv)[0], preserve_unit_loops=True)
+        sch.compute_at(pads[0], sch.get_loops(block)[0], preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(pads[0])[-1])
     except _SCHEDULE_ERRORS:
         return
@@ -212,10 +212,7 @@ def _schedule_pool_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     sch.unroll(wi)
     sch.vectorize(lane)
     _tile_accumulator(sch, pool, wo, ry, [n, c, ho])
-    pads = [b for b in sch.get_producers(pool) if sch.get(b).name_hint == POOL_PAD_NAME]
-    if pads:
-        sch.compute_at(pads[0], sch.get_loops(pool)[0], preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(pads[0])[-1])
+    _pad_per_chunk(sch, pool, POOL_PAD_NAME)
     _schedule_remaining(sch, spec, skip=[pool])
     return True
 
