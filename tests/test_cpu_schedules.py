@@ -3,6 +3,7 @@ really schedule what they claim (parallel + vector loops), and aarch64 code gene
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -16,6 +17,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.relax.frontend.onnx import from_onnx
 
 from nasc.backends import cpu_schedules as cs
+from nasc.backends.cpu_rules import lowering
 from nasc.backends.cpu_rules.tir_rules import DEPTHWISE_CHUNK_ROWS, TO_PLAIN_TILE_COLS, TRANSPOSE_TILE_COLS
 from nasc.examples import build
 from nasc.examples.zoo import resnet
@@ -354,7 +356,8 @@ def _gemm(m, k, n, trans_b=True):
     return _model(nodes, {"x": [m, k]}, "y", [_const(rng, "w", w_shape, 0.2), _const(rng, "b", (n,))])
 
 
-@pytest.mark.parametrize("m,k,n,trans_b", [(1, 64, 40, True), (5, 48, 32, False), (6, 33, 17, True), (1, 96, 1001, True)])
+@pytest.mark.parametrize("m,k,n,trans_b", [(1, 64, 40, True), (5, 48, 32, False), (6, 33, 17, True), (1, 96, 1001, True),
+                                           (1, 96, 1000, True), (1, 64, 10, False)])
 def test_dense_matches_ort(m, k, n, trans_b):
     _assert_matches_ort(_gemm(m, k, n, trans_b))
 
@@ -374,6 +377,22 @@ def test_dense_weight_of_odd_width_is_packed_with_zero_columns():
     mod = _scheduled_module(_gemm(1, 64, 1001))
     names = [g.name_hint for g, _ in mod.functions_items()]
     assert any("matmul_packed" in n for n in names) and not any("pad" in n for n in names), names
+
+
+def _weight_panel(m: int, k: int, n: int) -> int:
+    mod = _scheduled_module(_gemm(m, k, n))
+    (func,) = [f for g, f in mod.functions_items() if "matmul" in g.name_hint]
+    # the packed weight is the function's one 3-D parameter: [N / panel, K, panel]
+    (panel,) = re.findall(r"T\.Buffer\(\(T\.int64\(\d+\), T\.int64\(\d+\), T\.int64\((\d+)\)\)", func.script())
+    return int(panel)
+
+
+def test_one_row_matmul_streams_wider_weight_panels():
+    """A classifier (one row) reuses no weight: its panels are twice the matmul's, padded where the
+    classes do not fill them (1000 at 2 threads: 0.048 ms on one-vector panels, 0.023 on four)."""
+    cols = cs.cpu_vector_spec(HOST).matmul_cols
+    assert _weight_panel(1, 64, 1000) == lowering.GEMV_PANEL_PER_MATMUL_PANEL * cols
+    assert _weight_panel(4, 64, 4 * cols) == cols
 
 
 def test_batched_matmul_and_transposed_matmul_match_ort():
