@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -279,19 +280,32 @@ def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
 
 SUITE_SIZE = 160
 # kernel mix of the suite (weights): CNN kernels dominate IoT models
-SUITE_MIX = {"conv": 0.14, "winograd": 0.12, "conv-plain": 0.07, "conv1x1": 0.14, "conv1x1-plain": 0.06, "dwconv": 0.2, "matmul": 0.1,
-             "pool": 0.07, "reduce": 0.05, "eltwise": 0.1, "other": 0.04, "stem": 0.04}
+SUITE_MIX = {"conv": 0.14, "winograd": 0.12, "conv-plain": 0.07, "conv1x1": 0.14, "conv1x1-plain": 0.06, "dwconv": 0.16, "matmul": 0.1,
+             "classifier": 0.05, "pool": 0.1, "reduce": 0.05, "eltwise": 0.1, "other": 0.04, "stem": 0.04}
 SUITE_PIXELS = (7, 14, 28, 56, 112)
 SUITE_STEM_PIXELS = (64, 96, 128, 160, 224)
 SUITE_CHANNELS = (8, 1024)      # log-uniform, multiples of 8
+# channels x map side of CNN stages (ResNet-18 3584 throughout, MobileNetV2 900-8000): half the
+# convs are drawn there, where deep stages put wide layers on small maps and their weights outgrow
+# the caches; the other half span SUITE_CHANNELS at any size
+SUITE_STAGE_WIDTH = (900, 8000)
+# the share of pools, reductions and elementwise kernels whose channels fill 8-channel blocks
+SUITE_ALIGNED_SHARE = 0.7
+# a CNN's classifier: features in (log-uniform) and classes out (CIFAR, CIFAR-100, ImageNet); its
+# weights, up to 8 MB, stream from memory once a call, unlike the other matmuls'
+SUITE_CLASSIFIER_IN = (64, 2048)
+SUITE_CLASSES = (10, 100, 1000, 1000)
 # keep each sampled kernel under ~10 ms on a small CPU so the suite stays a few minutes
 SUITE_MAX_FLOPS = 4e8
 
 
-def _channels(rng, aligned: bool = True) -> int:
-    """Log-uniform channels, a multiple of 8, or (not `aligned`) 4 off one (12, 36, 60: DenseNet's growth)."""
-    lo, hi = np.log(SUITE_CHANNELS[0]), np.log(SUITE_CHANNELS[1])
-    c = int(max(8, round(float(np.exp(rng.uniform(lo, hi))) / 8) * 8))
+def _channels(rng, aligned: bool = True, hw: int | None = None) -> int:
+    """Log-uniform channels, a multiple of 8, or (not `aligned`) 4 off one (12, 36, 60: DenseNet's growth);
+    given the map's side `hw`, within the widths CNN stages give maps of that side (SUITE_STAGE_WIDTH)."""
+    lo, hi = SUITE_CHANNELS
+    if hw is not None:
+        lo, hi = max(lo, SUITE_STAGE_WIDTH[0] / hw), min(hi, SUITE_STAGE_WIDTH[1] / hw)
+    c = int(max(8, round(float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) / 8) * 8))
     return c if aligned else c - 4
 
 
@@ -304,6 +318,10 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
         act = str(rng.choice(("relu", "relu6", "none")))
         return n.build(n.conv(n.input("input", (1, 3, hw, hw)), 3, cout, k, 2, act=None if act == "none" else act),
                        "suite stem")
+    if kind == "classifier":
+        lo, hi = np.log(SUITE_CLASSIFIER_IN)
+        cin = int(round(float(np.exp(rng.uniform(lo, hi))) / 8) * 8)
+        return n.build(n.linear(n.input("input", (1, cin)), cin, int(rng.choice(SUITE_CLASSES))), "suite classifier")
     hw = int(rng.choice(SUITE_PIXELS))
     if kind.startswith(("conv", "dwconv", "winograd")):
         plain, kind = kind.endswith("-plain"), kind.removesuffix("-plain")
@@ -312,7 +330,8 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
         while True:
             # a narrow-block or plain-layout conv: one or both channel counts miss the 8-channel block
             odd = str(rng.choice(("in", "out", "both"))) if plain else ""
-            cin, cout = _channels(rng, odd not in ("in", "both")), _channels(rng, odd not in ("out", "both"))
+            stage = hw if rng.random() < 0.5 else None
+            cin, cout = _channels(rng, odd not in ("in", "both"), stage), _channels(rng, odd not in ("out", "both"), stage)
             if kind == "dwconv":
                 cout = cin
             stride = int(rng.choice((1, 1, 2)))
@@ -340,12 +359,17 @@ def _suite_kernel(kind: str, rng, seed: int) -> ModelProto:
         x = n.input("input", (1, tokens, cin))
         y = n.matmul(x, cin, cout)
         return n.build(n.act(y, "gelu") if rng.random() < 0.5 else y, "suite matmul")
-    c = _channels(rng)
+    # as DenseNet's (90 channels at its global pool, 36 at a transition), some not a block's multiple
+    c = _channels(rng, rng.random() < SUITE_ALIGNED_SHARE) if kind in ("pool", "reduce", "eltwise") else _channels(rng)
     if kind in ("pool", "reduce"):
         x = n.input("input", (1, c, hw, hw))
         if kind == "reduce":
             return n.build(n.node("GlobalAveragePool", [x], prefix="gap"), "suite reduce")
-        y = n.maxpool(x, 3, 2) if rng.random() < 0.5 else n.avgpool(x, 3, int(rng.choice((1, 2))))
+        pool = str(rng.choice(("max3s2", "max3s2", "avg3s1", "avg3s2", "avg2s2")))
+        if pool == "avg2s2":  # a DenseNet transition
+            y = n.node("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        else:
+            y = n.maxpool(x, 3, 2) if pool == "max3s2" else n.avgpool(x, 3, int(pool[-1]))
         return n.build(y, "suite pool")
     if kind == "eltwise":
         x = n.input("input", (1, c, hw, hw))
@@ -365,7 +389,10 @@ def calibration_suite(size: int = SUITE_SIZE, seed: int = 0) -> list[ModelProto]
     weights = np.array([SUITE_MIX[k] for k in kinds])
     # one kernel of every class first, so even a small suite covers them all
     picks = list(range(min(size, len(kinds)))) + list(rng.choice(len(kinds), size=max(size - len(kinds), 0), p=weights / weights.sum()))
-    return [_suite_kernel(kinds[int(k)], rng, seed * 100_003 + i) for i, k in enumerate(picks)]
+    # each kind draws its sizes from a stream of its own: a change to one kind's sampling (or to
+    # the mix) leaves the kernels drawn for every other kind as they were
+    streams = {k: np.random.default_rng([seed, zlib.crc32(k.encode())]) for k in kinds}
+    return [_suite_kernel(kinds[int(k)], streams[kinds[int(k)]], seed * 100_003 + i) for i, k in enumerate(picks)]
 
 
 def prepared_analysis(model: ModelProto) -> Analysis:

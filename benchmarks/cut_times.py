@@ -209,7 +209,7 @@ def measure_cut(a, cut, target, where: str, kept: list | None = None) -> dict:
     return rec
 
 
-def time_again(kept: list, target, sessions: int = AGAIN_SESSIONS) -> None:
+def time_again(kept: list, target, sessions: int = AGAIN_SESSIONS, between: Callable[[int], None] | None = None) -> None:
     """Times every kept half in `sessions` more sessions, in alternating order, and keeps its fastest time.
 
     Each half is timed as the fastest of several repeats, but a neighbour on this shared host
@@ -217,6 +217,7 @@ def time_again(kept: list, target, sessions: int = AGAIN_SESSIONS) -> None:
     that takes 24.5; Inception's head at cut 24 measured 0.694 ms in both of two sessions and
     0.552 in six rounds an hour later). Sessions minutes apart, with the halves already
     compiled, cost seconds; every session's time is kept in the record (`<role>_ms_sessions`).
+    `between(s)`, when given, runs after session s: what else is measured in the same minutes.
     """
     from nasc.backends.profile import time_model_ms
 
@@ -225,6 +226,8 @@ def time_again(kept: list, target, sessions: int = AGAIN_SESSIONS) -> None:
             again = time_model_ms(half, target, ex)
             rec[f"{key}_sessions"] = rec.get(f"{key}_sessions", [rec[key]]) + [again]
             rec[key] = min(rec[key], again)
+        if between is not None:
+            between(s)
 
 
 def _document(about: dict, key: dict, whole: dict | None, records: list[dict]) -> dict:
@@ -253,13 +256,13 @@ def _current(records: dict[str, dict], cuts: list) -> dict[str, dict]:
 
 
 def measure_cut_times(model_name_or_proto: str | ModelProto, target: str = "llvm", cache_path: str | Path | None = None,
-                      limit_cuts: int | None = None, log: Log = _quiet) -> dict:
+                      limit_cuts: int | None = None, log: Log = _quiet, between: Callable[[int], None] | None = None) -> dict:
     """Head and tail times of every cut of the model (or `limit_cuts` spread evenly), cached.
 
     Returns the cache document: all cuts measured so far for this model, target and host
     (`cuts`, sorted by index, including cuts other runs measured), the whole model's time,
     and `measured_now`, the number of halves and whole-model builds this call measured
-    (0 when the cache had them all).
+    (0 when the cache had them all). `between` is passed to `time_again`.
     """
     from nasc.backends import tvm as tvm_backend
     from nasc.backends.targets import resolve_target
@@ -305,7 +308,7 @@ def measure_cut_times(model_name_or_proto: str | ModelProto, target: str = "llvm
         whole, records = save_cache(path, about, key, whole, records)
     if kept:
         log(f"{name}: timing the {len(kept)} halves again")
-        time_again(kept, t)
+        time_again(kept, t, between=between)
         whole, records = save_cache(path, about, key, whole, records)
     doc = _document(about, key, whole, list(_current(records, p.cuts).values()))
     doc["measured_now"] = measured

@@ -36,8 +36,11 @@ _ELTWISE_OPS = {"Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "Tanh", "
 # relative errors are taken against max(ms, FLOOR_MS): a kernel measured at ~0 after call overhead
 # must not dominate the fit
 FLOOR_MS = 1e-3
-# a class needs this many samples for a fit of its own; fewer share the pooled fit
+# a class needs this many samples for a fit of its own, and this many for one of the memory
+# terms alone; fewer share the pooled fit
 MIN_CLASS_SAMPLES = 8
+MIN_MEMORY_SAMPLES = 3
+MEMORY_TERMS = ("in_bytes", "out_bytes", "weight_bytes", "constant")
 
 
 def kernel_class(a: Analysis, anchor: int) -> str:
@@ -225,8 +228,13 @@ def fit_predictor(features: list[dict], ms: list[float] | np.ndarray) -> KernelP
     classes = [f["class"] for f in features]
     counts = {c: classes.count(c) for c in sorted(set(classes))}
     per_class = {}
+    memory = np.array([t in MEMORY_TERMS for t in TERMS])
     for cls, k in counts.items():
+        rows = np.array([c == cls for c in classes])
         if k >= MIN_CLASS_SAMPLES:
-            rows = np.array([c == cls for c in classes])
             per_class[cls] = _fit_rates(terms[rows], ms[rows])
+        elif k >= MIN_MEMORY_SAMPLES:
+            # too few for every term: a roofline's memory side of its own beats the pooled fit,
+            # whose rates the compute-bound classes set (a global pool priced 0.6 us for 19)
+            per_class[cls] = _fit_rates(terms[rows] * memory, ms[rows])
     return KernelPredictor(per_class, _fit_rates(terms, ms), counts)

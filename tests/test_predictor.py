@@ -10,7 +10,7 @@ from nasc.backends.profile import (
 )
 from nasc.errors import NascError
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, half_ms, predict
-from nasc.search.predictor import CLASSES, NUMERIC, KernelPredictor, fit_predictor, group_features
+from nasc.search.predictor import CLASSES, NUMERIC, KernelPredictor, _terms, fit_predictor, group_features
 
 ANALYTIC = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
 
@@ -63,14 +63,25 @@ def test_fit_recovers_a_cost_law_and_round_trips_json():
     np.testing.assert_allclose(q.predict_ms(test_feats), p.predict_ms(test_feats))
 
 
-def test_rare_classes_use_the_pooled_model():
+def _memory_bound(n, rng, cls="pool"):
+    feats = [{**{k: float(rng.integers(1, 1000)) for k in NUMERIC}, "class": cls} for _ in range(n)]
+    return feats, np.array([3e-5 * f["in_bytes"] + 2e-5 * f["out_bytes"] + 0.002 for f in feats])
+
+
+def test_rare_classes_fit_the_memory_terms_or_share_the_pooled_model():
+    """A class with a few samples gets the memory side of a roofline of its own (a global pool is
+    not priced at the rates convs set); with fewer still, it shares the pooled fit."""
     rng = np.random.default_rng(1)
     feats, ms = _synthetic(40, rng)
-    few, few_ms = _synthetic(3, rng, cls="pool")
+    few, few_ms = _memory_bound(5, rng)
+    two, two_ms = _synthetic(2, rng, cls="reduce")
     assert len(few) < 8
-    p = fit_predictor(feats + few, np.concatenate([ms, few_ms]))
-    assert "pool" not in p.per_class
-    np.testing.assert_allclose(p.predict_ms(few), few_ms, rtol=1e-6)  # same law: the pooled fit holds
+    p = fit_predictor(feats + few + two, np.concatenate([ms, few_ms, two_ms]))
+    assert "pool" in p.per_class and "reduce" not in p.per_class
+    unseen, unseen_ms = _memory_bound(20, rng)
+    np.testing.assert_allclose(p.predict_ms(unseen), unseen_ms, rtol=1e-6)
+    assert np.abs(p.pooled(_terms(unseen)) / unseen_ms - 1).max() > 0.5   # the pooled fit would not hold
+    np.testing.assert_allclose(p.predict_ms(two), p.pooled(_terms(two)))
     with pytest.raises(NascError, match="at least 2"):
         fit_predictor(feats[:1], ms[:1])
 
@@ -138,6 +149,23 @@ def test_calibration_suite_is_seeded_valid_and_covers_every_class():
         a = prepared_analysis(m)
         classes |= {f["class"] for f in kernel_features(a).values()}
     assert classes == set(CLASSES) - {"layout"}  # layout samples are the transforms around kernels
+
+
+def _shapes(m) -> tuple:
+    return tuple(tuple(d.dim_value for d in vi.type.tensor_type.shape.dim) for vi in [*m.graph.input, *m.graph.output])
+
+
+def test_calibration_suite_draws_each_kind_from_a_stream_of_its_own():
+    """The k-th conv of a suite is the same whatever else the suite holds (a change to the pools'
+    sampling or the mix leaves the convs as they were); classifiers stream a CNN head's weights."""
+    small, full = calibration_suite(48, seed=0), calibration_suite(160, seed=0)
+    for kind in ("suite conv", "suite pool", "suite classifier"):
+        a = [_shapes(m) for m in small if m.doc_string == kind]
+        b = [_shapes(m) for m in full if m.doc_string == kind]
+        assert a and a == b[:len(a)], kind
+    heads = [m for m in full if m.doc_string == "suite classifier"]
+    assert heads and all(_shapes(m)[0][0] == 1 for m in heads)
+    assert any(_shapes(m)[-1][-1] == 1000 for m in heads)
 
 
 def test_nnls_matches_the_constrained_optimum():

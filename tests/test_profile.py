@@ -9,7 +9,7 @@ from conftest import prepared, random_feeds
 from nasc import defaults
 from nasc.backends import ort
 from nasc.backends.context import measure_in_context
-from nasc.backends.profile import (CALL_KEY, LAYOUT_PREFIX, calibration_suite, group_model, in_blocked_layout,
+from nasc.backends.profile import (CALL_KEY, LAYOUT_PREFIX, SUITE_MIX, calibration_suite, group_model, in_blocked_layout,
                                    kernel_groups, measure_kernels, planned_layouts, prepared_analysis)
 from nasc.backends.targets import resolve_target
 from nasc.cli.profile import main as profile_main
@@ -74,7 +74,7 @@ def test_a_kernel_timed_alone_runs_in_the_layout_its_cnn_gives_it():
     # a model without convs runs plain (the calibration suite asks for its kernels blocked, as in a CNN)
     pool = prepared_analysis(next(m for m in calibration_suite(12) if "pool" in m.doc_string))
     assert not any(r or w for r, w in planned_layouts(pool, kernel_groups(pool), llvm))
-    assert any(m.doc_string == "suite stem" for m in calibration_suite(12))
+    assert any(m.doc_string == "suite stem" for m in calibration_suite(len(SUITE_MIX)))
 
 
 def test_measured_model_uses_kernels_and_call_overhead():
