@@ -7,8 +7,8 @@ window, stride. Per class, time is a non-negative sum of cost terms (compute, co
 to narrow channels, bytes read, written and re-passed by the epilogue, per-pixel work, a
 fixed cost), fitted for least *relative* error: a roofline whose rates are learnt from the
 target. Additive terms extrapolate to unseen sizes where trees cannot, and beat a log-linear
-fit in cross-validation on the calibration suite (median error 15% vs 34%). Classes with too
-few samples share one pooled fit.
+fit in cross-validation on the calibration suite (median error 15% vs 34%). Classes with a few
+samples fit the memory terms alone; fewer still share one pooled fit.
 """
 
 from __future__ import annotations
