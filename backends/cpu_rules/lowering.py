@@ -79,19 +79,30 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
 def pool2d_nchwc(data: te.Tensor, kind: str, kernel, strides, padding, count_include_pad: bool) -> te.Tensor:
     """Max or average pool (floor mode, no dilation) of data [N, C/c, H, W, c].
 
-    Padding is a stage of its own, so that the schedule pads each chunk of rows inside the pool's
-    parallel loop and the window reads carry no bounds checks (topi's pool tests every read)."""
+    No window read carries a bounds check (topi's pool tests every read). A max pool whose
+    windows all overlap the input clamps its reads to the border: the clamped pixel lies in the
+    window, so the max is the same, and no padded copy is made (Inception's 3x3/2 max pools
+    0.046 -> 0.020 and 0.023 -> 0.010 ms in place, 2 threads). Otherwise padding is a stage of
+    its own, which the schedule computes per chunk of rows inside the pool's parallel loop."""
     _, _, height, width, _ = (int(d) for d in data.shape)
     (kh, kw), (sh, sw) = kernel, strides
     top, left, bottom, right = padding
     out_h = (height + top + bottom - kh) // sh + 1
     out_w = (width + left + right - kw) // sw + 1
     shape = (data.shape[0], data.shape[1], out_h, out_w, data.shape[4])
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    if kind == "max" and any(padding) and max(top, bottom) < kh and max(left, right) < kw:
+        def clamped(n, c, y, x, lane):
+            row = te.min(te.max(y * sh + ry - top, 0), height - 1)
+            col = te.min(te.max(x * sw + rx - left, 0), width - 1)
+            return data[n, c, row, col, lane]
+
+        return te.compute(shape, lambda n, c, y, x, lane: te.max(clamped(n, c, y, x, lane), axis=[ry, rx]),
+                          name=POOL_BLOCK_NAME)
     if any(padding):
         fill = tirx.const(0.0, data.dtype) if kind == "avg" else te.min_value(data.dtype)
         data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], pad_value=fill, name=POOL_PAD_NAME)
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
     reduce = te.max if kind == "max" else te.sum
     pooled = te.compute(shape, lambda n, c, y, x, lane: reduce(data[n, c, y * sh + ry, x * sw + rx, lane], axis=[ry, rx]),
                         name=POOL_BLOCK_NAME)
