@@ -147,6 +147,17 @@ def test_the_cpu_pipeline_pads_only_where_convs_get_cheaper():
     assert cs.padding_block(_chain([16, 12, 12, 16]), 16) == 16
 
 
+def test_a_stem_writing_the_block_is_priced_as_a_conv_in_that_block():
+    """A 3-channel stem reads plain and writes NCHW{c}c, register-tiled on the block's lanes: in
+    a block half the vector wide it costs what the model's other convs cost there (it had been
+    priced as a plain conv whatever the block, so padding an Inception head whose 8-channel
+    convs held it to block 8 looked no cheaper, and it ran 1.12x slower unpadded)."""
+    full, half = analyze(_chain([3, 16, 16])), analyze(_chain([3, 8, 8]))
+    assert cs.model_conv_block(full, 16) == 16 and cs.model_conv_block(half, 16) == 8
+    assert cs.conv_cost(full, 16) == pytest.approx(float(full.macs.sum()))
+    assert cs.conv_cost(half, 16) == pytest.approx(float(half.macs.sum()) * 2 ** cs.NARROW_BLOCK_EXPONENT)
+
+
 def _chain(channels: list[int]) -> onnx.ModelProto:
     rng = np.random.default_rng(SEED)
     nodes, inits, x = [], [], "x"
