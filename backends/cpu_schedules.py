@@ -126,10 +126,10 @@ def conv_cost(a: Analysis, channel_block: int) -> float:
     for i, n in enumerate(a.nodes):
         if n.op_type != "Conv":
             continue
-        cin, cout, groups = conv_channels(a, n)
+        conv = cin, cout, groups = conv_channels(a, n)
         if groups > 1 and groups == cin == cout:  # depthwise: memory bound, about as fast in any block
             total += float(a.macs[i])
-        elif block and (block_fits(block, (cin, cout, groups)) or writes_blocked(block, (cin, cout, groups))):
+        elif block and (block_fits(block, conv) or writes_blocked(block, conv)):
             # a stem writing the block is register-tiled on its lanes as a blocked conv is: Inception's
             # 3 -> 32 stem ran 0.059 ms in block 16, 0.105 in block 8 (2 threads, AVX-512)
             total += float(a.macs[i]) * (channel_block / block) ** NARROW_BLOCK_EXPONENT

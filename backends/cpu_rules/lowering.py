@@ -92,19 +92,19 @@ def pool2d_nchwc(data: te.Tensor, kind: str, kernel, strides, padding, count_inc
     shape = (data.shape[0], data.shape[1], out_h, out_w, data.shape[4])
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
-    if kind == "max" and any(padding) and max(top, bottom) < kh and max(left, right) < kw:
-        def clamped(n, c, y, x, lane):
-            row = te.min(te.max(y * sh + ry - top, 0), height - 1)
-            col = te.min(te.max(x * sw + rx - left, 0), width - 1)
-            return data[n, c, row, col, lane]
-
-        return te.compute(shape, lambda n, c, y, x, lane: te.max(clamped(n, c, y, x, lane), axis=[ry, rx]),
-                          name=POOL_BLOCK_NAME)
-    if any(padding):
+    clamp = kind == "max" and any(padding) and max(top, bottom) < kh and max(left, right) < kw
+    padded = data
+    if any(padding) and not clamp:
         fill = tirx.const(0.0, data.dtype) if kind == "avg" else te.min_value(data.dtype)
-        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], pad_value=fill, name=POOL_PAD_NAME)
+        padded = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], pad_value=fill, name=POOL_PAD_NAME)
+
+    def read(n, c, y, x, lane):  # y, x: the window pixel's row and column in the padded input
+        if clamp:
+            y, x = te.min(te.max(y - top, 0), height - 1), te.min(te.max(x - left, 0), width - 1)
+        return padded[n, c, y, x, lane]
+
     reduce = te.max if kind == "max" else te.sum
-    pooled = te.compute(shape, lambda n, c, y, x, lane: reduce(data[n, c, y * sh + ry, x * sw + rx, lane], axis=[ry, rx]),
+    pooled = te.compute(shape, lambda n, c, y, x, lane: reduce(read(n, c, y * sh + ry, x * sw + rx, lane), axis=[ry, rx]),
                         name=POOL_BLOCK_NAME)
     if kind == "max":
         return pooled
