@@ -20,8 +20,9 @@ from onnx import ModelProto, helper
 from nasc.backends.cpu_rules import winograd
 from nasc.partitioner.analysis import Analysis
 
-CONTEXT_FORMAT = "nasc-context-times/1"
+CONTEXT_FORMAT = "nasc-context-times/2"
 TIMED_RUNS = 20                  # instrumented runs; each call keeps its fastest
+REPLAY_RUNS = 10                 # runs of each half replayed alone (see replay_halves)
 MATCH_RTOL = 1e-3                # a kernel output equals an ONNX tensor within these
 MATCH_ATOL_REL = 1e-4            # times the tensor's largest magnitude
 TRANSFORM = "layout_transform"   # symbol of TVM's layout-changing kernels
@@ -32,6 +33,11 @@ MAX_SCALE = 1.5                  # calls are scaled to the whole run's time, nev
 def model_key(model: ModelProto) -> str:
     """Identity of a prepared model: context times apply to exactly this graph."""
     return hashlib.sha256(model.SerializeToString()).hexdigest()[:20]
+
+
+def half_key(mask: np.ndarray) -> str:
+    """Identity of the nodes one half runs (a row of a cut mask over the analysis' nodes)."""
+    return hashlib.sha256(np.packbits(np.asarray(mask, bool)).tobytes()).hexdigest()[:16]
 
 
 def _blocked_to_plain(x: np.ndarray) -> np.ndarray:
@@ -102,6 +108,85 @@ def _timed_calls(vm, args, n_calls: int, runs: int = TIMED_RUNS, sync: Callable[
     return best
 
 
+def _call_owners(a: Analysis, calls: list[dict]) -> np.ndarray:
+    """The ONNX node each call runs for (-1: none): a call's tensor's producer; a layout transform,
+    or a call that computes no ONNX tensor (a Winograd stage), runs for the next call that does;
+    a transform after the last kernel (a blocked output made plain) runs for its tensor's producer."""
+    owner = np.full(len(calls), -1)
+    following = -1
+    for k in range(len(calls) - 1, -1, -1):
+        c = calls[k]
+        made = a.producer.get(c["tensor"], -1) if c.get("tensor") is not None else -1
+        if TRANSFORM in c["symbol"] or made < 0:
+            owner[k] = following if following >= 0 else made
+        else:
+            owner[k] = following = made
+    return owner
+
+
+def _replayed_calls(vm, args, run: np.ndarray, runs: int, sync: Callable[[], None] | None = None) -> np.ndarray:
+    """Seconds of each call `run` selects when the VM runs those alone (the others skipped), the
+    fastest of `runs`; inf for the skipped. Stamped as `_timed_calls` stamps."""
+    from tvm.runtime.vm import VMInstrumentReturnKind
+
+    best = np.full(len(run), np.inf)
+    k = -1
+    start = 0.0
+
+    def stamp(_func, symbol, before, _ret, *_args):
+        nonlocal k, start
+        if symbol.startswith(BUILTIN):
+            return 0
+        if before:
+            k += 1
+            if not run[k]:
+                return int(VMInstrumentReturnKind.SKIP_RUN)
+            if sync is not None:
+                sync()
+            start = time.perf_counter()
+            return 0
+        if sync is not None:
+            sync()
+        best[k] = min(best[k], time.perf_counter() - start)
+        return 0
+
+    vm.set_instrument(stamp)
+    for _ in range(runs):
+        k = -1
+        vm["main"](*args)
+    vm.set_instrument(None)
+    return best
+
+
+def replay_halves(vm, args, owner: np.ndarray, in_place_s: np.ndarray, halves: np.ndarray, bias_s: float,
+                  runs: int = REPLAY_RUNS, sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """{half_key: ratio} for each node mask in `halves`: its calls' time when the VM runs that half's
+    calls alone, over and over, against their time in place in the whole model (`in_place_s`),
+    relative to the same ratio of the whole model replayed.
+
+    A half run on its own finds in cache what the whole model had evicted between two runs of a
+    kernel: ResNet-18's classifier took 0.109 ms in place and 0.042 as the tail that runs it alone.
+    The replay runs exactly those kernels of this executable, in their order, on its buffers.
+    Replayed whole, the models of benchmarks/latency_model.py read 0-7% slower than in place (the
+    fastest of fewer runs): that is the replay's own bias, so every half is taken relative to it."""
+
+    def ratio(run: np.ndarray) -> float | None:
+        before = float(in_place_s[run].sum())
+        if not run.any() or before <= 0.0:
+            return None
+        return float(np.maximum(_replayed_calls(vm, args, run, runs, sync)[run] - bias_s, 0.0).sum()) / before
+
+    reference = ratio(owner >= 0)
+    out: dict[str, float] = {}
+    if not reference:
+        return out
+    for mask in np.asarray(halves, bool):
+        key = half_key(mask)
+        if key not in out and (r := ratio((owner >= 0) & mask[np.maximum(owner, 0)])) is not None:
+            out[key] = r / reference
+    return out
+
+
 def call_scale(whole_ms: float, calls_ms: float) -> float:
     """The factor that makes calls summing to `calls_ms` add up to a whole run of `whole_ms`
     (call overhead excluded), never more than MAX_SCALE either way."""
@@ -129,7 +214,7 @@ def _sync(target, dev) -> Callable[[], None] | None:
 
 
 def measure_in_context(a: Analysis, target, executable=None, database=None,
-                       log: Callable[[str], None] | None = None) -> dict:
+                       log: Callable[[str], None] | None = None, halves: np.ndarray | None = None) -> dict:
     """Every kernel call of the compiled model, timed in place and attributed to an ONNX tensor.
 
     Returns a JSON-able document: `kernels` (compute calls: tensor, symbol, ms, blocked output,
@@ -138,6 +223,8 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     call, taken separately, sums to less than the fastest whole run, so every call is scaled to
     make them agree (VM dispatch between calls is spread the same way; on a GPU, where the whole
     run hides launches behind kernels, or after calls a busy host slowed, the sum scales down).
+    With `halves` ((H, nodes) bool masks, the heads and tails of cuts), also `halves`: each one's
+    calls replayed alone, as a ratio to their time in place (`replay_halves`).
     """
     import tvm
     from tvm import relax
@@ -191,8 +278,14 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     f = relax.VirtualMachine(ex, dev).time_evaluator("main", dev, number=NUMBER, repeat=REPEAT,
                                                      min_repeat_ms=MIN_REPEAT_MS)
     whole_ms = float(np.min(f(*args).results) * 1e3)
-    best = np.maximum(np.minimum(best, _timed_calls(vm, args, len(calls), sync=sync)) - _instrument_bias_s(target), 0.0)
+    bias_s = _instrument_bias_s(target)
+    best = np.maximum(np.minimum(best, _timed_calls(vm, args, len(calls), sync=sync)) - bias_s, 0.0)
     call_ms = call_overhead_ms(target)
+    replayed = {}
+    if halves is not None and len(halves):
+        if log:
+            log(f"replaying {len(halves)} halves alone")
+        replayed = replay_halves(vm, args, _call_owners(a, calls), best, halves, bias_s, sync=sync)
 
     raw = best * 1e3
     # Calls are scaled to the whole run. Normally they sum to less (dispatch between them); on a
@@ -215,4 +308,4 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     # a Winograd conv's first stages compute no ONNX tensor: their time goes with the conv's output
     unmatched = [c["symbol"] for c in calls if c["tensor"] is None and not winograd.is_stage(c["symbol"])]
     return {"format": CONTEXT_FORMAT, "model": model_key(a.model), "whole_ms": whole_ms, "call_ms": call_ms,
-            "scale": scale, "kernels": kernels, "transforms": transforms, "unmatched": unmatched}
+            "scale": scale, "kernels": kernels, "transforms": transforms, "unmatched": unmatched, "halves": replayed}

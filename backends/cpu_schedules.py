@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CONV_BLOCK_NAME", "MATMUL_BLOCK_NAME", "CpuVectorSpec", "block_fits", "conv_block", "conv_channels",
            "cpu_layout_passes", "cpu_schedule_passes", "cpu_vector_spec", "model_conv_block", "pad_for_cpu",
-           "padding_block", "scheduled_cpu_pipeline", "writes_blocked"]
+           "conv_runs", "padding_block", "scheduled_cpu_pipeline", "writes_blocked"]
 
 # Time per MAC of a dense conv computed in block b, relative to a block as wide as the vector
 # (V lanes), is (V / b) ** NARROW_BLOCK_EXPONENT: measured at 1 thread on AVX-512, block 8 costs
@@ -119,22 +119,27 @@ def model_conv_block(a: Analysis, channel_block: int | None) -> int | None:
     return conv_block([conv_channels(a, n) for n in a.nodes if n.op_type == "Conv"], channel_block, fixed)
 
 
+def block_mac_cost(conv: tuple[int, int, int], block: int | None, channel_block: int) -> float | None:
+    """Relative time per MAC of a conv ((in, out, groups) channels) in a model whose convs the layout
+    pass gives `block`: 1 at a full-vector block, more in a narrower one; None if it runs plain."""
+    cin, cout, groups = conv
+    if groups > 1 and groups == cin == cout:  # depthwise: memory bound, about as fast in any block
+        return 1.0
+    if block and (block_fits(block, conv) or writes_blocked(block, conv)):
+        # a stem writing the block is register-tiled on its lanes as a blocked conv is: Inception's
+        # 3 -> 32 stem ran 0.059 ms in block 16, 0.105 in block 8 (2 threads, AVX-512)
+        return (channel_block / block) ** NARROW_BLOCK_EXPONENT
+    return None
+
+
 def conv_cost(a: Analysis, channel_block: int) -> float:
     """Relative time of a model's convs in the layouts the layout pass gives them (in MACs at a full-vector block)."""
     block = model_conv_block(a, channel_block)
     total = 0.0
     for i, n in enumerate(a.nodes):
-        if n.op_type != "Conv":
-            continue
-        conv = cin, cout, groups = conv_channels(a, n)
-        if groups > 1 and groups == cin == cout:  # depthwise: memory bound, about as fast in any block
-            total += float(a.macs[i])
-        elif block and (block_fits(block, conv) or writes_blocked(block, conv)):
-            # a stem writing the block is register-tiled on its lanes as a blocked conv is: Inception's
-            # 3 -> 32 stem ran 0.059 ms in block 16, 0.105 in block 8 (2 threads, AVX-512)
-            total += float(a.macs[i]) * (channel_block / block) ** NARROW_BLOCK_EXPONENT
-        else:
-            total += float(a.macs[i]) * PLAIN_CONV_COST
+        if n.op_type == "Conv":
+            cost = block_mac_cost(conv_channels(a, n), block, channel_block)
+            total += float(a.macs[i]) * (PLAIN_CONV_COST if cost is None else cost)
     return total
 
 
@@ -154,6 +159,21 @@ def padding_block(model: ModelProto, channel_block: int) -> int | None:
             best, best_cost = block, cost
         block //= 2
     return best
+
+
+def conv_runs(model: ModelProto, channel_block: int | None) -> dict[str, tuple[int, int, int, float]]:
+    """How the CPU pipeline for a vector of `channel_block` lanes runs each conv of `model`, by node
+    name: (in channels, out channels, groups) as `pad_for_cpu` widens them, and `block_mac_cost`
+    in the block the layout pass then gives it (1.0 for a conv it leaves plain). Empty off a CPU."""
+    from nasc.partitioner.analysis import analyze
+
+    if not channel_block:
+        return {}
+    padded, padded_to = pad_for_cpu(model, channel_block)
+    w = analyze(padded)
+    block = model_conv_block(w, channel_block)
+    return {n.name: (*conv, block_mac_cost(conv, block, channel_block) or 1.0)
+            for n in w.nodes if n.op_type == "Conv" for conv in [conv_channels(w, n)]}
 
 
 def pad_for_cpu(model: ModelProto, channel_block: int) -> tuple[ModelProto, int | None]:

@@ -188,7 +188,7 @@ def layout_features(nbytes: float) -> dict:
     """Predictor features of a layout transform moving `nbytes` (class `layout`: bytes and a fixed cost)."""
     return {"class": "layout", "flops": 0.0, "in_bytes": float(nbytes), "out_bytes": float(nbytes), "weight_bytes": 0.0,
             "out_channels": 1.0, "in_channels_per_group": 1.0, "out_pixels": 1.0, "window": 1.0, "stride": 1.0,
-            "ops": 1.0, "plain_layout": 0.0}
+            "ops": 1.0, "plain_layout": 0.0, "padding": 1.0, "block_cost": 1.0}
 
 
 def trivial_model() -> ModelProto:
@@ -263,11 +263,23 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     return times
 
 
-def kernel_features(a: Analysis) -> dict[str, dict]:
-    """{signature: features} of every kernel group (what the predictor is fitted on)."""
+def kernel_features(a: Analysis, channel_block: int | None = None) -> dict[str, dict]:
+    """{signature: features} of every kernel group (what the predictor is fitted on), its convs as a
+    CPU with vectors of `channel_block` lanes runs them (None: as in `a`)."""
+    from nasc.backends.cpu_schedules import conv_runs
     from nasc.search.predictor import group_features
 
-    return {g.signature: group_features(a, g.nodes) for g in kernel_groups(a)}
+    runs = conv_runs(a.model, channel_block)
+    return {g.signature: group_features(a, g.nodes, runs) for g in kernel_groups(a)}
+
+
+def channel_block(target) -> int | None:
+    """The NCHW{c}c block of `target`'s CPU pipeline (None off a CPU)."""
+    if target.device != "cpu":
+        return None
+    from nasc.backends.cpu_schedules import cpu_vector_spec
+
+    return cpu_vector_spec(target.tvm()).channel_block
 
 
 def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
@@ -414,7 +426,7 @@ def measure_suite(target, size: int = SUITE_SIZE, seed: int = 0, known: dict[str
         a = prepared_analysis(m)
         # the suite's kernels stand for those of CNNs: conv-free ones are timed as they run in one
         times = measure_kernels(a, target, times, database=database, blocked=True)
-        features.update(kernel_features(a))
+        features.update(kernel_features(a, channel_block(target)))
     return times, features
 
 

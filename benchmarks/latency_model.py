@@ -1,18 +1,20 @@
 """Latency-model accuracy: predicted vs measured head and tail at every cut of held-out models.
 
-Four models price each half, side by side on the same measured cuts (benchmarks/cut_times.py):
+Five models price each half, side by side on the same measured cuts (benchmarks/cut_times.py):
 - predicted: the kernel-time predictor fitted only on the sampled calibration suite (no kernel
   of the evaluated model was measured: every model here is held out);
 - measured: the model compiled whole once, every kernel timed in place and the halves composed
-  from those records (backends/context.py), the suite predictor for kernels a cut breaks;
+  from those records (backends/context.py), each cut's head and tail scaled by its kernels
+  replayed alone in that executable, the suite predictor for kernels a cut breaks;
+- in_place: measured without the replay, every half's kernels at their times in the whole model;
 - standalone: the model's own kernels, each compiled alone and timed in place, composed with the
   layouts and transforms the CPU layout pass is planned to choose (as `predicted` does);
   both timed in sessions interleaved with the sessions that time the cuts' halves, so that
   the records and the halves they price see the same minutes of this shared host;
 - analytic: the roofline defaults.
-Reports the share of halves within +-10% and the MAPE; writes results/latency_model.json.
+Reports the share of halves within +-10% and the MAPE; writes results/latency_model_t<threads>.json.
 
-    python benchmarks/latency_model.py [MODEL ...] [--suite N] [--limit-cuts N]
+    python benchmarks/latency_model.py [MODEL ...] [--suite N] [--limit-cuts N] [-o FILE]
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from nasc.backends import profile as prof  # noqa: E402
 from nasc.backends.targets import host_cpu, resolve_target  # noqa: E402
 from nasc.backends.tvm import pipeline_fingerprint  # noqa: E402
 from nasc.compile import plan  # noqa: E402
+from nasc.partitioner.cuts import half_masks  # noqa: E402
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, half_ms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = RESULTS / "profiles"
 TOLERANCE_PCT = 10.0
-MODES = ("predicted", "measured", "standalone", "analytic")
+MODES = ("predicted", "measured", "in_place", "standalone", "analytic")
 # sessions, minutes apart, that the suite and each model's kernels and in-place records are timed
 # in: a record from two slow sessions (ShuffleNetV2's whole runs 0.320 and 0.345 ms, against 0.274
 # in the cut times) put that model's halves at 18% and 0% within ±10%
@@ -105,15 +108,15 @@ def model_kernels(name: str, a, target, sessions: int = 1) -> dict[str, float]:
     return times
 
 
-def model_context(name: str, a, target, sessions: int = 1) -> dict:
+def model_context(name: str, a, target, halves, sessions: int = 1) -> dict:
     """The model's kernels timed in place (cached beside the suite profile), timed in one more
     session while the cache has fewer than `sessions`, and the record whose calls sum to least
     kept: this host's speed drifts by 10-30% over minutes (shared cores), and the fastest of
     sessions minutes apart is the repeatable figure."""
-    from nasc.backends.context import measure_in_context, model_key
+    from nasc.backends.context import CONTEXT_FORMAT, measure_in_context, model_key
 
     path = PROFILES / f"{target.name}-t{THREADS}-{name}-context.json"
-    key = {"target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS, "pipeline": pipeline_fingerprint(),
+    key = {"format": CONTEXT_FORMAT, "target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS, "pipeline": pipeline_fingerprint(),
            "model": model_key(a.model)}
     cached = None
     if path.exists():
@@ -122,7 +125,7 @@ def model_context(name: str, a, target, sessions: int = 1) -> dict:
             cached = doc
             if len(doc["sessions_whole_ms"]) >= sessions:
                 return rescaled(doc["context"], min(doc["sessions_whole_ms"]))
-    doc = measure_in_context(a, target, log=_log)
+    doc = measure_in_context(a, target, log=_log, halves=halves)
     wholes = (cached or {}).get("sessions_whole_ms", []) + [doc["whole_ms"]]
     if cached is not None and _calls_ms(cached["context"]) <= _calls_ms(doc):
         doc = cached["context"]
@@ -151,18 +154,22 @@ def _calls_ms(context: dict) -> float:
     return sum(k["ms"] for k in [*context["kernels"], *context["transforms"]]) / context["scale"]
 
 
-def kernel_models(name: str, a, target, suite: prof.KernelProfile) -> dict:
+def kernel_models(name: str, a, target, suite: prof.KernelProfile, halves) -> dict:
     """The host priced on both sides: `predicted` from the suite alone, `measured` from the model's kernels
     timed in place, `standalone` from its kernels timed alone (the suite's predictor for the parts of a
     kernel a cut breaks)."""
     from nasc.backends.context import model_key
 
     own = prof.KernelProfile(suite.target, {**suite.kernels, **model_kernels(name, a, target)}, {}, suite.predictor)
+    context = model_context(name, a, target, halves)
     in_place = prof.KernelProfile(suite.target, dict(suite.kernels), {}, suite.predictor,
-                                  contexts={model_key(a.model): model_context(name, a, target)})
+                                  contexts={model_key(a.model): context})
+    not_replayed = prof.KernelProfile(suite.target, dict(suite.kernels), {}, suite.predictor,
+                                      contexts={model_key(a.model): {**context, "halves": {}}})
     analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
     return {"predicted": MeasuredLatencyModel(analytic, suite, suite),
             "measured": MeasuredLatencyModel(analytic, in_place, in_place),
+            "in_place": MeasuredLatencyModel(analytic, not_replayed, not_replayed),
             "standalone": MeasuredLatencyModel(analytic, own, own)}
 
 
@@ -186,21 +193,22 @@ def repeatability(times: dict) -> dict:
 def evaluate(name: str, p, suite: prof.KernelProfile, target, limit_cuts: int | None) -> dict:
     """Every mode's errors on the measured cuts of model `name`, whose plan is `p`."""
     a = p.analysis
+    halves = half_masks(p.cuts)   # every cut's head and tail, replayed alone in the in-place record
 
     def alongside(s: int) -> None:
         # the model timed in place and kernel by kernel in the minutes its halves are: a session
         # apart, the host had drifted (ResNet-18 ran whole in 34.6-41.0 ms in place, 31.8 in its cuts)
-        model_context(name, a, target, s + 2)
+        model_context(name, a, target, halves, s + 2)
         model_kernels(name, a, target, s + 2)
 
     alongside(-1)
     times = measure_cut_times(name, target.name, limit_cuts=limit_cuts, log=_log, between=alongside)
     for session in range(1, SESSIONS + 1):  # the cut times were cached: sessions of their own
-        model_context(name, a, target, session)
+        model_context(name, a, target, halves, session)
         model_kernels(name, a, target, session)
     by_id = {cut_id(c.kind, c.tensors): c for c in p.cuts}
     rows = [(by_id[cut_id(r["kind"], r["tensors"])], r) for r in times["cuts"] if cut_id(r["kind"], r["tensors"]) in by_id]
-    models = {**kernel_models(name, a, target, suite),
+    models = {**kernel_models(name, a, target, suite, halves),
               "analytic": AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)}
     out = {"model": name, "config": MODELS.get(name), "cuts_measured": len(rows), "cuts_total": len(p.cuts),
            "whole_model_ms": times["whole_model"]["ms"], "repeatability": repeatability(times), "modes": {}}
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="*", default=list(MODELS))
     ap.add_argument("--suite", type=int, default=prof.SUITE_SIZE, help="calibration suite size")
     ap.add_argument("--limit-cuts", type=int, default=None, help="measure only N cuts per model (quick runs)")
+    ap.add_argument("-o", "--output", type=Path, default=RESULTS / f"latency_model_t{THREADS}.json",
+                    help="results JSON (default: results/latency_model_t<threads>.json)")
     args = ap.parse_args(argv)
     target = resolve_target("llvm")
     t0 = time.perf_counter()
@@ -258,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
            "predictor_samples": suite.predictor.samples, "tolerance_pct": TOLERANCE_PCT, "overall": overall,
            "models": results, "seconds": round(time.perf_counter() - t0, 1),
            "note": "the host CPU stands in for both device and server (no GPU on this machine)"}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"latency_model_t{THREADS}.json"
+    out = args.output
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {out} ({doc['seconds']:.0f} s)")
     return 0

@@ -92,17 +92,19 @@ def latency_models(device_profile: str | None, server_profile: str | None) -> di
     return models
 
 
-def kernel_models(name: str, a, suite_size: int | None) -> dict:
-    """`predicted` (suite-fitted predictor only), `measured` (the model's kernels timed in place) and `standalone`
-    (its kernels timed alone), as in latency_model.py."""
+def kernel_models(name: str, p, suite_size: int | None) -> dict:
+    """`predicted` (suite-fitted predictor only), `measured` (the model's kernels timed in place, its
+    halves replayed), `in_place` (not replayed) and `standalone` (its kernels timed alone), as in
+    latency_model.py, for the model planned as `p`."""
     if not suite_size:
         return {}
     import latency_model as LM
 
     from nasc.backends.targets import resolve_target
+    from nasc.partitioner.cuts import half_masks
 
     target = resolve_target("llvm")
-    return LM.kernel_models(name, a, target, LM.suite_profile(target, suite_size))
+    return LM.kernel_models(name, p.analysis, target, LM.suite_profile(target, suite_size), half_masks(p.cuts))
 
 
 def model_cases(name: str, doc: dict, lms: dict, suite_size: int | None = None, speedups=SERVER_SPEEDUPS) -> list[dict]:
@@ -115,7 +117,7 @@ def model_cases(name: str, doc: dict, lms: dict, suite_size: int | None = None, 
     from nasc.search.latency import predict
 
     p = plan(cut_times.build_model(name))
-    lms = {**lms, **kernel_models(name, p.analysis, suite_size)}
+    lms = {**lms, **kernel_models(name, p, suite_size)}
     by_id = {cut_times.cut_id(r["kind"], r["tensors"]): r for r in doc["cuts"]}
     records = {c.index: by_id[cut_times.cut_id(c.kind, c.tensors)] for c in p.cuts if cut_times.cut_id(c.kind, c.tensors) in by_id}
     cases = []

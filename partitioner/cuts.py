@@ -319,3 +319,9 @@ def cut_from_tensors(a: Analysis, cuts: list[Cut], names: list[str]) -> Cut:
         why = f"the tail would also need {', '.join(extra[:4])}" if extra else "they do not separate the graph"
         raise CutError(f"--split {','.join(names)}: not a cut: {why}")
     return _cut(len(cuts), SPLIT, tuple(a.node_names), T, H, m, 0)
+
+
+def half_masks(cuts: list[Cut]) -> np.ndarray:
+    """(H, nodes) bool: the head and the tail of every cut that has nodes on that side, in cut order."""
+    rows = [m for c in cuts for m in (c.head_mask, ~c.head_mask) if m.any()]
+    return np.array(rows, bool) if rows else np.zeros((0, 0), bool)

@@ -10,6 +10,8 @@ which also prices a fused kernel that a cut breaks as the two kernels each half 
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -94,10 +96,15 @@ def _channel_block(target: dict) -> int | None:
     spec = (target or {}).get("tvm")
     if not spec or spec.get("kind") != "llvm":
         return None
+    return _llvm_channel_block(json.dumps(spec, sort_keys=True))
+
+
+@lru_cache(maxsize=None)
+def _llvm_channel_block(spec_json: str) -> int:
     from nasc.backends.cpu_schedules import cpu_vector_spec
     from nasc.backends.targets import resolve_target
 
-    return cpu_vector_spec(resolve_target(spec).tvm()).channel_block
+    return cpu_vector_spec(resolve_target(json.loads(spec_json)).tvm()).channel_block
 
 
 def _part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
@@ -166,7 +173,8 @@ class MeasuredLatencyModel:
                 how[k] = PREDICTED
         unknown = [k for k, h in enumerate(how) if h == PREDICTED]
         if unknown:
-            ms[unknown] = prof.predictor.predict_ms([group_features(a, parts[k]) for k in unknown])
+            run = self._conv_runs(a, prof)
+            ms[unknown] = prof.predictor.predict_ms([group_features(a, parts[k], run) for k in unknown])
         rest = [k for k, h in enumerate(how) if h == ANALYTIC]
         if rest:
             base = self.fallback.node_ms(a, side)
@@ -179,6 +187,16 @@ class MeasuredLatencyModel:
         was not measured."""
         g = self._derived(a)["group_of"].get(part[0])
         return prof.kernels.get(g.signature) if g is not None and part[0] == g.anchor() else None
+
+    def _conv_runs(self, a: Analysis, prof) -> dict:
+        """How the profile's target runs `a`'s convs (backends.cpu_schedules.conv_runs)."""
+        block = _channel_block(prof.target)
+        derived = self._derived(a)
+        if ("conv_runs", block) not in derived:
+            from nasc.backends.cpu_schedules import conv_runs
+
+            derived["conv_runs", block] = conv_runs(a.model, block)
+        return derived["conv_runs", block]
 
     def _derived(self, a: Analysis) -> dict:
         """What is derived from the analysis being priced (its kernel groups, node -> group, and,
@@ -313,6 +331,8 @@ class ContextTimes:
     half then runs (by `parts_ms`, the profile's kernels or predictor). A transform the record
     did not time is priced by `layout_ms(bytes)` (the profile's predictor), else at the record's
     median rate: a model run blocked end to end times none, and its cut tensors are not free.
+    A half the record also replayed alone has its timed kernels and transforms scaled by how
+    much faster they ran there (backends.context.replay_halves).
     """
 
     def __init__(self, doc: dict, a: Analysis, groups=None, layout_ms=None):
@@ -344,6 +364,9 @@ class ContextTimes:
         self.measured_transform = {}
         for t, _, ms, _ in self.transforms:
             self.measured_transform[t] = min(ms, self.measured_transform.get(t, np.inf))
+        # a half replayed alone (backends.context.replay_halves): its timed calls, scaled by how much
+        # faster they ran there than in the whole model
+        self.replayed: dict[str, float] = doc.get("halves", {})
         self.units = self._units(doc)
         self.unit_of = {i: u for u, groups in enumerate(self.units) for g in groups for i in self.groups[g].nodes}
 
@@ -390,25 +413,28 @@ class ContextTimes:
 
     def half_ms(self, masks: np.ndarray, parts_ms) -> np.ndarray:
         """(C,) milliseconds of the nodes each row of `masks` puts in one half (call cost excluded)."""
+        from nasc.backends.context import half_key
+
         a = self.a
         out = np.zeros(len(masks))
         unit_nodes = [[i for g in u for i in self.groups[g].nodes] for u in self.units]
         for row, here in enumerate(masks.astype(bool)):
             broken = {u for u, nodes in enumerate(unit_nodes) if 0 < here[nodes].sum() < len(nodes)}
-            total = 0.0
+            timed = 0.0
             for n, ms in self.kernels:
                 if here[n] and self.unit_of.get(n) not in broken:
-                    total += ms
+                    timed += ms
+            plain_sent = set()
+            for t, reader, ms, to_blocked in self.transforms:
+                if self._made(here, t) and (here[self.a.producer[t]] if reader is None else here[reader]):
+                    timed += ms
+                    if not to_blocked:
+                        plain_sent.add(t)
+            total = timed * self.replayed.get(half_key(here), 1.0) if self.replayed else timed
             if broken:
                 parts = [p for u in sorted(broken) for g in self.units[u]
                          if (p := tuple(i for i in self.groups[g].nodes if here[i]))]
                 total += float(np.sum(parts_ms(parts)))
-            plain_sent = set()
-            for t, reader, ms, to_blocked in self.transforms:
-                if self._made(here, t) and (here[self.a.producer[t]] if reader is None else here[reader]):
-                    total += ms
-                    if not to_blocked:
-                        plain_sent.add(t)
             received = {t for t, reader in self.reads_blocked if here[reader] and not self._made(here, t)}
             sent = {t for t in self.blocked_out if self._made(here, t) and t not in plain_sent
                     and any(not here[c] for c in a.consumers.get(t, []))}

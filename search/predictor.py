@@ -5,7 +5,8 @@ described by a class (dense conv, 1x1 conv, depthwise conv, matmul, pooling, red
 elementwise, other) and a few sizes: FLOPs, bytes in and out, weight bytes, channels, pixels,
 window, stride. Per class, time is a non-negative sum of cost terms (compute, compute lost
 to narrow channels, bytes read, written and re-passed by the epilogue, per-pixel work, a
-fixed cost), fitted for least *relative* error: a roofline whose rates are learnt from the
+fixed cost; compute counted as the target runs it, channels padded to its block and slower
+in a narrower one), fitted for least *relative* error: a roofline whose rates are learnt from the
 target. Additive terms extrapolate to unseen sizes where trees cannot, and beat a log-linear
 fit in cross-validation on the calibration suite (median error 15% vs 34%). Classes with a few
 samples fit the memory terms alone; fewer still share one pooled fit.
@@ -27,7 +28,7 @@ CLASSES = ("conv", "winograd", "conv1x1", "dwconv", "matmul", "pool", "reduce", 
 CHANNEL_ALIGN = 8
 # numeric features, in design-matrix order (after the intercept)
 NUMERIC = ("flops", "in_bytes", "out_bytes", "weight_bytes", "out_channels", "in_channels_per_group",
-           "out_pixels", "window", "stride", "ops", "plain_layout")
+           "out_pixels", "window", "stride", "ops", "plain_layout", "padding", "block_cost")
 _POOL_OPS = {"MaxPool", "AveragePool", "LpPool"}
 _MATMUL_OPS = {"Gemm", "MatMul", "Einsum"}
 _ELTWISE_OPS = {"Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "Tanh", "Concat", "Split", "Transpose",
@@ -81,8 +82,13 @@ def _shape(a: Analysis, name: str) -> tuple[int, ...]:
     return ()
 
 
-def group_features(a: Analysis, nodes: tuple[int, ...]) -> dict:
-    """The class and sizes of the kernel made of `nodes` (an anchor then its fused epilogue)."""
+def group_features(a: Analysis, nodes: tuple[int, ...],
+                   runs: dict[str, tuple[int, int, int, float]] | None = None) -> dict:
+    """The class and sizes of the kernel made of `nodes` (an anchor then its fused epilogue).
+
+    `runs`: how the target runs each conv (backends.cpu_schedules.conv_runs); from it `padding`,
+    the MACs a conv computes per MAC of the ONNX graph (channels padded to the block), and
+    `block_cost`, its time per MAC in the block it runs in against a full-vector block."""
     anchor = a.nodes[nodes[0]]
     produced = {o for i in nodes for o in a.nodes[i].output}
     ext_in = dict.fromkeys(x for i in nodes for x in node_inputs(a.nodes[i]) if x in a.specs and x not in produced)
@@ -102,6 +108,10 @@ def group_features(a: Analysis, nodes: tuple[int, ...]) -> dict:
     cls = kernel_class(a, nodes[0])
     w = _shape(a, anchor.input[1]) if cls in ("conv", "conv1x1") else ()
     plain = bool(w) and not _aligned(w, group)
+    padding = block_cost = 1.0
+    if runs and anchor.name in runs and len(in_shape) == 4 and len(out_shape) == 4:
+        run_in, run_out, run_group, block_cost = runs[anchor.name]
+        padding = (run_out * run_in / max(run_group, 1)) / max(out_shape[1] * in_shape[1] / max(group, 1), 1)
     return {
         "class": cls,
         "flops": float(sum(a.flops[i] for i in nodes)),
@@ -115,6 +125,8 @@ def group_features(a: Analysis, nodes: tuple[int, ...]) -> dict:
         "stride": float(max(strides) if strides else 1),
         "ops": float(len(nodes)),
         "plain_layout": float(plain),
+        "padding": float(padding),
+        "block_cost": float(block_cost),
     }
 
 
@@ -122,13 +134,14 @@ def _terms(features: list[dict]) -> np.ndarray:
     """(K, T) cost terms of each kernel; time = terms @ rates with rates >= 0."""
     rows = []
     for f in features:
+        run = f["flops"] * f.get("padding", 1.0)                  # what runs: channels widened to the block
         rows.append([
-            f["flops"],                                           # compute at full speed
-            f["flops"] / max(f["in_channels_per_group"], 1.0),     # short reductions vectorise poorly
-            f["flops"] / max(f["out_channels"], 1.0),              # so do narrow outputs
+            run * f.get("block_cost", 1.0),                       # compute, slower in a narrow block
+            run / max(f["in_channels_per_group"], 1.0),            # short reductions vectorise poorly
+            run / max(f["out_channels"], 1.0),                     # so do narrow outputs
             f["in_bytes"], f["out_bytes"], f["weight_bytes"],      # memory traffic (and layout changes)
             f["out_bytes"] * (f["ops"] - 1),                       # each fused epilogue op re-touches the output
-            f["flops"] * f.get("plain_layout", 0.0),               # convs left in plain layout
+            run * f.get("plain_layout", 0.0),                      # convs left in plain layout
             f["out_pixels"],                                       # per-pixel loop overhead
             1.0,                                                   # fixed cost of a kernel
         ])

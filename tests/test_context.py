@@ -6,9 +6,10 @@ import pytest
 from conftest import prepared
 from nasc import defaults
 from nasc.backends.cpu_rules import winograd
-from nasc.backends.context import MAX_SCALE, measure_in_context, model_key
+from nasc.backends.context import MAX_SCALE, _replayed_calls, half_key, measure_in_context, model_key
 from nasc.backends.profile import KernelProfile, kernel_groups
 from nasc.backends.targets import resolve_target
+from nasc.partitioner.cuts import half_masks
 from nasc.search.latency import (DEVICE, MEASURED_IN_CONTEXT, AnalyticLatencyModel, ContextTimes,
                                  MeasuredLatencyModel, half_ms)
 
@@ -151,3 +152,57 @@ def test_planned_record_follows_the_cpu_layout_pass():
             assert t["ms"] == pytest.approx(a.specs[t["tensor"]].nbytes * 1e-6)
     # neither the image nor the stem's output is transformed: the stem reads one, writes the other
     assert not any(t["tensor"] in (a.inputs[0], first["tensor"]) for t in planned["transforms"])
+
+
+def test_every_cut_half_is_replayed_alone_in_the_compiled_model():
+    _, a, cuts = prepared("resnet8")
+    masks = half_masks(cuts)
+    assert len(masks) == sum(bool(c.head_mask.any()) + bool((~c.head_mask).any()) for c in cuts)
+    doc = measure_in_context(a, resolve_target("llvm"), halves=masks)
+    # every half that runs a kernel is replayed (a tail of shape ops alone runs none)
+    kernel_nodes = [n for n, _ in ContextTimes(doc, a).kernels]
+    assert set(doc["halves"]) == {half_key(m) for m in masks if m[kernel_nodes].any()}
+    assert len(doc["halves"]) >= len(cuts) - 2
+    assert all(np.isfinite(r) and r > 0 for r in doc["halves"].values())
+    # the whole model replayed runs every call, as in place: the same time up to this host's noise
+    whole = half_key(np.ones(len(a.nodes), bool))
+    assert 0.5 < doc["halves"][whole] < 2.0
+
+
+def test_a_replay_times_the_calls_it_runs_and_skips_the_rest():
+    import tvm
+    from tvm import relax
+
+    from nasc.backends import tvm as tvm_backend
+    from nasc.compile import sample_inputs
+
+    _, a, _ = prepared("resnet8")
+    target = resolve_target("llvm")
+    vm = relax.VirtualMachine(tvm_backend.compile_model(a.model, target), tvm.cpu())
+    args = [tvm.runtime.tensor(x) for x in sample_inputs(a.model, 1)[0].values()]
+    doc = measure_in_context(a, target)
+    calls = len(doc["kernels"]) + len(doc["transforms"])
+    run = np.arange(calls) % 3 == 0
+    got = _replayed_calls(vm, args, run, runs=2)
+    assert np.isfinite(got[run]).all() and (got[run] >= 0).all()
+    assert np.isinf(got[~run]).all()
+
+
+def test_a_replayed_half_scales_its_timed_calls():
+    """The kernels a half's record times are scaled by its replay; a half not replayed, and the
+    parts of kernels a cut breaks, are priced as before."""
+    _, a, cuts = prepared("tiny")
+    groups = kernel_groups(a)
+    doc = _doc(a, False)
+    parts = lambda q: np.full(len(q), 0.125)  # noqa: E731
+    before = ContextTimes(doc, a)
+    splits = [c for c in cuts if c.kind == "split"]
+    assert any(0 < c.head_mask[list(g.nodes)].sum() < len(g.nodes) for c in splits for g in groups)
+    for c in splits:
+        head, tail = c.head_mask[None, :], ~c.head_mask[None, :]
+        after = ContextTimes({**doc, "halves": {half_key(c.head_mask): 0.5}}, a)
+        timed = sum(bool(c.head_mask[list(g.nodes)].all()) for g in groups)   # each kernel 1 ms
+        broken = before.half_ms(head, parts)[0] - timed
+        assert broken >= 0
+        assert after.half_ms(head, parts)[0] == pytest.approx(0.5 * timed + broken)
+        assert after.half_ms(tail, parts)[0] == before.half_ms(tail, parts)[0]

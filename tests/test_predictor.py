@@ -44,9 +44,11 @@ def _synthetic(n, rng, cls="conv"):
     for _ in range(n):
         f = {k: float(rng.integers(1, 1000)) for k in NUMERIC}
         f["class"] = cls
+        f["padding"] = 1.0 + float(rng.random())      # channels the target pads to, per real MAC
+        f["block_cost"] = 1.0 + float(rng.random())   # and its time per MAC in a narrow block
         feats.append(f)
-    # a known roofline: compute + bytes written + a fixed cost
-    ms = np.array([2e-4 * f["flops"] + 5e-5 * f["out_bytes"] + 0.01 for f in feats])
+    # a known roofline: compute as run (padded, in its block) + bytes written + a fixed cost
+    ms = np.array([2e-4 * f["flops"] * f["padding"] * f["block_cost"] + 5e-5 * f["out_bytes"] + 0.01 for f in feats])
     return feats, ms
 
 
@@ -177,3 +179,47 @@ def test_nnls_matches_the_constrained_optimum():
     x = nnls(a, a @ truth - 0.3 * a[:, 1])  # the best unconstrained weight on column 1 is negative
     assert (x >= 0).all() and x[1] == 0.0
     np.testing.assert_allclose(x[[0, 2, 4]], truth[[0, 2, 4]], atol=0.2)
+
+
+@pytest.mark.parametrize("name,block", [("inception", 16), ("densenet", 8), ("mobilenetv2", 16), ("resnet8", 16)])
+def test_padding_is_the_macs_a_conv_runs_per_real_mac(name, block):
+    """`padding` of a conv kernel is its MACs in the graph the CPU pipeline compiles (channels padded to the
+    block) over its MACs in the ONNX graph; 1 for every kernel of a model that is not padded."""
+    from nasc.backends.cpu_schedules import padding_block
+    from nasc.partitioner.analysis import analyze
+    from nasc.passes.pad_channels import pad_channels
+
+    _, a, _ = prepared(name)
+    features = kernel_features(a, block)
+    padded_to = padding_block(a.model, block)
+    if padded_to is None:
+        assert {f["padding"] for f in features.values()} == {1.0}
+        return
+    w = analyze(pad_channels(a.model, padded_to))
+    macs = {n.name: w.macs[i] for i, n in enumerate(w.nodes)}
+    seen = 0
+    for g in kernel_groups(a):
+        anchor = a.nodes[g.nodes[0]]
+        f = features[g.signature]
+        if anchor.op_type == "Conv":
+            assert f["padding"] == pytest.approx(macs[anchor.name] / a.macs[g.nodes[0]])
+            seen += f["padding"] > 1
+        else:
+            assert f["padding"] == 1.0
+    assert seen > 0
+    # without a block (off a CPU) nothing is padded
+    assert {f["padding"] for f in kernel_features(a).values()} == {1.0}
+
+
+def test_block_cost_prices_a_conv_held_to_a_narrow_block():
+    """ShuffleNet's branch convs hold its convs to block 8 (it is not padded): on 16 lanes each
+    blocked conv is (16 / 8) ** NARROW_BLOCK_EXPONENT slower per MAC; on 8 lanes, full speed."""
+    from nasc.backends.cpu_schedules import NARROW_BLOCK_EXPONENT, model_conv_block
+
+    _, a, _ = prepared("shufflenet")
+    assert model_conv_block(a, 16) == 8
+    wide, narrow = kernel_features(a, 16), kernel_features(a, 8)
+    slow = [sig for sig, f in wide.items() if f["block_cost"] > 1]
+    assert slow and all(wide[s]["block_cost"] == pytest.approx(2 ** NARROW_BLOCK_EXPONENT) for s in slow)
+    assert all(wide[s]["class"] in ("conv", "conv1x1", "winograd") for s in slow)
+    assert {f["block_cost"] for f in narrow.values()} == {1.0}

@@ -130,6 +130,7 @@ def _profile_model(args, target, kernels: dict, features: dict, contexts: dict, 
     from nasc.compile import plan
     from nasc.defaults import DEFAULT_DEVICE, DEFAULT_SERVER
     from nasc.partitioner import parse_shape
+    from nasc.partitioner.cuts import half_masks
     from nasc.passes import extract_head, extract_tail
     from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, half_ms
 
@@ -140,10 +141,10 @@ def _profile_model(args, target, kernels: dict, features: dict, contexts: dict, 
     prior = prof.fit_profile_predictor(kernels, features)
     before = MeasuredLatencyModel(analytic, *[KernelProfile({}, {prof.CALL_KEY: kernels.get(prof.CALL_KEY, 0.0)}, {}, prior)] * 2) if prior else None
     kernels.update(prof.measure_kernels(a, target, kernels, log=status.update, database=database))
-    features.update(prof.kernel_features(a))
+    features.update(prof.kernel_features(a, prof.channel_block(target)))
     status.update("timing every kernel in place")
     key = model_key(a.model)
-    contexts[key] = measure_in_context(a, target, database=database, log=status.update)
+    contexts[key] = measure_in_context(a, target, database=database, log=status.update, halves=half_masks(p.cuts))
     standalone = KernelProfile({}, kernels, features, None)
     in_place = KernelProfile({}, kernels, features, None, contexts={key: contexts[key]})
     models = {"in_context_ms": MeasuredLatencyModel(analytic, in_place, in_place),
