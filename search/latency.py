@@ -328,7 +328,8 @@ class ContextTimes:
     A half costs the kernels computing its nodes, the layout transforms between them, and one
     transform for each tensor the half receives and some kernel reads blocked, and for each
     blocked tensor it sends. A fused kernel a cut breaks is priced as the two kernels each
-    half then runs (by `parts_ms`, the profile's kernels or predictor). A transform the record
+    half then runs (by `parts_ms`, the profile's kernels or predictor); if it ran blocked, a
+    tensor the cut sends from inside it costs a transform on each side. A transform the record
     did not time is priced by `layout_ms(bytes)` (the profile's predictor), else at the record's
     median rate: a model run blocked end to end times none, and its cut tensors are not free.
     A half the record also replayed alone has its timed kernels and transforms scaled by how
@@ -369,6 +370,9 @@ class ContextTimes:
         self.replayed: dict[str, float] = doc.get("halves", {})
         self.units = self._units(doc)
         self.unit_of = {i: u for u, groups in enumerate(self.units) for g in groups for i in self.groups[g].nodes}
+        # units that ran in NCHW{c}c: a tensor inside one that a cut sends is blocked too
+        self.blocked_units = {self.unit_of[node(k["tensor"])] for k in doc["kernels"]
+                              if k["blocked"] and node(k["tensor"]) in self.unit_of}
 
     def _units(self, doc: dict) -> list[list[int]]:
         """Kernel groups that ran as one call: a group whose output no call computed was fused by
@@ -438,6 +442,13 @@ class ContextTimes:
             received = {t for t, reader in self.reads_blocked if here[reader] and not self._made(here, t)}
             sent = {t for t in self.blocked_out if self._made(here, t) and t not in plain_sent
                     and any(not here[c] for c in a.consumers.get(t, []))}
+            # a cut through a unit that ran blocked crosses in plain layout: one transform each side
+            for u in broken & self.blocked_units:
+                for i in unit_nodes[u]:
+                    for t in a.nodes[i].output:
+                        crosses = [c for c in a.consumers.get(t, []) if here[c] != here[i]]
+                        if t in a.specs and crosses:
+                            (sent if here[i] else received).add(t)
             for t in received | sent:
                 total += self._transform_ms(t)
             out[row] = total

@@ -206,3 +206,32 @@ def test_a_replayed_half_scales_its_timed_calls():
         assert broken >= 0
         assert after.half_ms(head, parts)[0] == pytest.approx(0.5 * timed + broken)
         assert after.half_ms(tail, parts)[0] == before.half_ms(tail, parts)[0]
+
+
+def test_a_cut_through_a_blocked_kernel_moves_its_tensor_through_a_transform_each_side():
+    """A tensor inside a fused kernel that ran in NCHW{c}c leaves the head plain and enters the
+    tail plain: each half pays a layout transform for it (MobileNetV2's head ending in a 16 -> 96
+    conv whose Clip the tail runs wrote 2.4 MB through one)."""
+    _, a, cuts = prepared("tiny")
+    groups = kernel_groups(a)
+    layout_ms = lambda nbytes: 1e-6 * nbytes  # noqa: E731
+    no_parts = lambda parts: np.zeros(len(parts))  # noqa: E731
+    doc = _doc(a, True)
+    checked = 0
+    for c in cuts:
+        broken = [g for g in groups if 0 < c.head_mask[list(g.nodes)].sum() < len(g.nodes)]
+        if c.kind != "split" or len(broken) != 1:
+            continue
+        g = broken[0]
+        out = a.nodes[g.nodes[-1]].output[0]
+        plain = {**doc, "kernels": [{**k, "blocked": False} if k["tensor"] == out else k for k in doc["kernels"]]}
+        crossing = [t for i in g.nodes for t in a.nodes[i].output if t in a.specs
+                    and any(c.head_mask[r] != c.head_mask[i] for r in a.consumers.get(t, []))]
+        assert crossing and out not in crossing
+        moved = sum(layout_ms(a.specs[t].nbytes) for t in crossing)
+        for mask in (c.head_mask, ~c.head_mask):
+            got = ContextTimes(doc, a, layout_ms=layout_ms).half_ms(mask[None, :], no_parts)[0]
+            base = ContextTimes(plain, a, layout_ms=layout_ms).half_ms(mask[None, :], no_parts)[0]
+            assert got == pytest.approx(base + moved)
+        checked += 1
+    assert checked
