@@ -170,20 +170,22 @@ def replay_halves(vm, args, owner: np.ndarray, in_place_s: np.ndarray, halves: n
     Replayed whole, the models of benchmarks/latency_model.py read 0-7% slower than in place (the
     fastest of fewer runs): that is the replay's own bias, so every half is taken relative to it."""
 
+    ratios: dict[bytes, float | None] = {}   # by the calls a replay runs: masks that differ in shape-only nodes share one
+
     def ratio(run: np.ndarray) -> float | None:
-        before = float(in_place_s[run].sum())
-        if not run.any() or before <= 0.0:
-            return None
-        return float(np.maximum(_replayed_calls(vm, args, run, runs, sync)[run] - bias_s, 0.0).sum()) / before
+        if run.tobytes() not in ratios:
+            before = float(in_place_s[run].sum())
+            ratios[run.tobytes()] = None if not run.any() or before <= 0.0 else float(
+                np.maximum(_replayed_calls(vm, args, run, runs, sync)[run] - bias_s, 0.0).sum()) / before
+        return ratios[run.tobytes()]
 
     reference = ratio(owner >= 0)
     out: dict[str, float] = {}
     if not reference:
         return out
     for mask in np.asarray(halves, bool):
-        key = half_key(mask)
-        if key not in out and (r := ratio((owner >= 0) & mask[np.maximum(owner, 0)])) is not None:
-            out[key] = r / reference
+        if (r := ratio((owner >= 0) & mask[np.maximum(owner, 0)])) is not None:
+            out[half_key(mask)] = r / reference
     return out
 
 

@@ -169,8 +169,7 @@ def conv_runs(model: ModelProto, channel_block: int | None) -> dict[str, tuple[i
 
     if not channel_block:
         return {}
-    padded, padded_to = pad_for_cpu(model, channel_block)
-    w = analyze(padded)
+    w = analyze(pad_for_cpu(model, channel_block)[0])
     block = model_conv_block(w, channel_block)
     return {n.name: (*conv, block_mac_cost(conv, block, channel_block) or 1.0)
             for n in w.nodes if n.op_type == "Conv" for conv in [conv_channels(w, n)]}

@@ -149,11 +149,9 @@ def planned_layouts(a: Analysis, groups: list[KernelGroup], target) -> list[tupl
     plain everywhere off a CPU."""
     if target.device != "cpu":
         return [(set(), False) for _ in groups]
-    from nasc.backends.cpu_schedules import cpu_vector_spec
     from nasc.search.latency import planned_record
 
-    plan = planned_record(a, groups, np.zeros(len(groups)), cpu_vector_spec(target.tvm()).channel_block,
-                          lambda nbytes: 0.0)
+    plan = planned_record(a, groups, np.zeros(len(groups)), channel_block(target), lambda nbytes: 0.0)
     return [({x for x, b in k["reads"] if b}, bool(k["blocked"])) for k in plan["kernels"]]
 
 

@@ -101,10 +101,10 @@ def _channel_block(target: dict) -> int | None:
 
 @lru_cache(maxsize=None)
 def _llvm_channel_block(spec_json: str) -> int:
-    from nasc.backends.cpu_schedules import cpu_vector_spec
+    from nasc.backends.profile import channel_block
     from nasc.backends.targets import resolve_target
 
-    return cpu_vector_spec(resolve_target(json.loads(spec_json)).tvm()).channel_block
+    return channel_block(resolve_target(json.loads(spec_json)))
 
 
 def _part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
@@ -446,8 +446,7 @@ class ContextTimes:
             for u in broken & self.blocked_units:
                 for i in unit_nodes[u]:
                     for t in a.nodes[i].output:
-                        crosses = [c for c in a.consumers.get(t, []) if here[c] != here[i]]
-                        if t in a.specs and crosses:
+                        if t in a.specs and any(here[c] != here[i] for c in a.consumers.get(t, [])):
                             (sent if here[i] else received).add(t)
             for t in received | sent:
                 total += self._transform_ms(t)
