@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import tvm
-from onnx import ModelProto
+from onnx import ModelProto, numpy_helper
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
 from .cpu_rules.lowering import (CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, MIN_CONV_BLOCK, block_fits, conv_block,
-                                 lowering_passes, writes_blocked)
+                                 lowering_passes, reduced_in_channels, writes_blocked)
 from .cpu_rules.tir_rules import default_rules
 from .cpu_rules.vector_spec import CpuVectorSpec, cpu_vector_spec
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CONV_BLOCK_NAME", "MATMUL_BLOCK_NAME", "CpuVectorSpec", "block_fits", "conv_block", "conv_channels",
            "cpu_layout_passes", "cpu_schedule_passes", "cpu_vector_spec", "model_conv_block", "pad_for_cpu",
-           "conv_runs", "padding_block", "scheduled_cpu_pipeline", "writes_blocked"]
+           "conv_runs", "padding_block", "scheduled_cpu_pipeline", "summed_in_channels", "writes_blocked"]
 
 # Time per MAC of a dense conv computed in block b, relative to a block as wide as the vector
 # (V lanes), is (V / b) ** NARROW_BLOCK_EXPONENT: measured at 1 thread on AVX-512, block 8 costs
@@ -132,14 +132,27 @@ def block_mac_cost(conv: tuple[int, int, int], block: int | None, channel_block:
     return None
 
 
+def summed_in_channels(a: Analysis, node) -> int:
+    """Input channels the CPU conv of `node` sums over (`reduced_in_channels`): a dense conv with
+    a constant weight skips its trailing zero-weight ones, the channels `pad_channels` added."""
+    cin, _, groups = conv_channels(a, node)
+    weight = next((t for t in a.model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
+    if groups != 1 or weight is None:
+        return cin
+    return min(cin, reduced_in_channels(numpy_helper.to_array(weight)))
+
+
 def conv_cost(a: Analysis, channel_block: int) -> float:
-    """Relative time of a model's convs in the layouts the layout pass gives them (in MACs at a full-vector block)."""
+    """Relative time of a model's convs in the layouts the layout pass gives them (in MACs at a
+    full-vector block, over the input channels each sums over)."""
     block = model_conv_block(a, channel_block)
     total = 0.0
     for i, n in enumerate(a.nodes):
         if n.op_type == "Conv":
-            cost = block_mac_cost(conv_channels(a, n), block, channel_block)
-            total += float(a.macs[i]) * (PLAIN_CONV_COST if cost is None else cost)
+            conv = conv_channels(a, n)
+            cost = block_mac_cost(conv, block, channel_block)
+            summed = summed_in_channels(a, n) / max(conv[0], 1)
+            total += float(a.macs[i]) * summed * (PLAIN_CONV_COST if cost is None else cost)
     return total
 
 
@@ -163,15 +176,16 @@ def padding_block(model: ModelProto, channel_block: int) -> int | None:
 
 def conv_runs(model: ModelProto, channel_block: int | None) -> dict[str, tuple[int, int, int, float]]:
     """How the CPU pipeline for a vector of `channel_block` lanes runs each conv of `model`, by node
-    name: (in channels, out channels, groups) as `pad_for_cpu` widens them, and `block_mac_cost`
-    in the block the layout pass then gives it (1.0 for a conv it leaves plain). Empty off a CPU."""
+    name: (in channels it sums over, out channels, groups) as `pad_for_cpu` widens them, and
+    `block_mac_cost` in the block the layout pass then gives it (1.0 for a conv it leaves plain).
+    Empty off a CPU."""
     from nasc.partitioner.analysis import analyze
 
     if not channel_block:
         return {}
     w = analyze(pad_for_cpu(model, channel_block)[0])
     block = model_conv_block(w, channel_block)
-    return {n.name: (*conv, block_mac_cost(conv, block, channel_block) or 1.0)
+    return {n.name: (summed_in_channels(w, n), *conv[1:], block_mac_cost(conv, block, channel_block) or 1.0)
             for n in w.nodes if n.op_type == "Conv" for conv in [conv_channels(w, n)]}
 
 

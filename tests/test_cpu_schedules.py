@@ -139,6 +139,36 @@ def test_a_conv_weight_larger_than_l1_is_packed_to_stream(cin, k, packed):
     assert all(bool(unrolled.search(text)) == (cin > block) for text in convs)
 
 
+@pytest.mark.parametrize("summed", [8, 24])
+def test_a_conv_sums_only_over_the_input_channels_its_weight_reads(summed):
+    """Input channels whose weights are all zero at the end of a conv's input (the ones
+    pad_channels adds) are not summed over: the reduction spans the first `summed` channels,
+    stepping through them 8 at a time, and the result still matches ORT with nonzero data in them."""
+    model = _conv_block(32, 16, 3, hw=8)
+    for init in model.graph.initializer:
+        if init.name == "w":
+            w = numpy_helper.to_array(init).copy()
+            w[:, summed:] = 0.0
+            init.CopyFrom(numpy_helper.from_array(w, "w"))
+    assert lowering.reduced_in_channels(w) == summed
+    _assert_matches_ort(model)
+    func = next(f for g, f in _scheduled_module(model).functions_items() if "conv2d_nchwc" in g.name_hint)
+    sch = tvm.s_tir.Schedule(func)
+    update = sch.get(sch.get_sblock("nasc_conv2d_nchwc_update"))
+    reduced = [int(iv.dom.extent) for iv in update.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+    assert reduced == [summed, 3, 3], reduced
+    assert re.search(r"rc_[0-9_]+ in T\.unroll\(T\.int64\(8\)\)", func.script())
+
+
+def test_reduced_in_channels_keeps_every_channel_up_to_the_last_nonzero_weight():
+    w = np.zeros((4, 6, 3, 3), np.float32)
+    assert lowering.reduced_in_channels(w) == 1
+    w[2, 3, 1, 1] = 1.0
+    assert lowering.reduced_in_channels(w) == 4
+    w[0, 0, 0, 0] = 0.5   # a zero channel before the last nonzero one is still summed
+    assert lowering.reduced_in_channels(w) == 4
+
+
 def test_conv_block_is_one_width_per_model():
     # the widest block dividing every conv that some block divides; a 3-channel stem stays plain
     assert cs.conv_block([(3, 64, 1), (64, 64, 1), (64, 128, 1)], 16) == 16

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from conftest import prepared
 from nasc import defaults
@@ -183,8 +184,9 @@ def test_nnls_matches_the_constrained_optimum():
 
 @pytest.mark.parametrize("name,block", [("inception", 16), ("densenet", 8), ("mobilenetv2", 16), ("resnet8", 16)])
 def test_padding_is_the_macs_a_conv_runs_per_real_mac(name, block):
-    """`padding` of a conv kernel is its MACs in the graph the CPU pipeline compiles (channels padded to the
-    block) over its MACs in the ONNX graph; 1 for every kernel of a model that is not padded."""
+    """`padding` of a conv kernel is the MACs the CPU runs in the graph it compiles (channels padded to
+    the block, summed over the input channels up to the last with a nonzero weight: the padded ones
+    are skipped) over its MACs in the ONNX graph; 1 for every kernel of a model that is not padded."""
     from nasc.backends.cpu_schedules import padding_block
     from nasc.partitioner.analysis import analyze
     from nasc.passes.pad_channels import pad_channels
@@ -196,17 +198,25 @@ def test_padding_is_the_macs_a_conv_runs_per_real_mac(name, block):
         assert {f["padding"] for f in features.values()} == {1.0}
         return
     w = analyze(pad_channels(a.model, padded_to))
-    macs = {n.name: w.macs[i] for i, n in enumerate(w.nodes)}
-    seen = 0
+    weights = {t.name: numpy_helper.to_array(t) for t in w.model.graph.initializer}
+    macs = {}
+    for i, n in enumerate(w.nodes):
+        if n.op_type == "Conv":
+            weight = weights[n.input[1]]
+            dense = all(attr.i == 1 for attr in n.attribute if attr.name == "group")
+            summed = np.flatnonzero(np.abs(weight).sum(axis=(0, 2, 3)))[-1] + 1 if dense else weight.shape[1]
+            macs[n.name] = w.macs[i] * summed / weight.shape[1]
+    seen = skipped = 0
     for g in kernel_groups(a):
         anchor = a.nodes[g.nodes[0]]
         f = features[g.signature]
         if anchor.op_type == "Conv":
             assert f["padding"] == pytest.approx(macs[anchor.name] / a.macs[g.nodes[0]])
             seen += f["padding"] > 1
+            skipped += macs[anchor.name] < w.macs[w.node_names.index(anchor.name)]
         else:
             assert f["padding"] == 1.0
-    assert seen > 0
+    assert seen > 0 and skipped > 0
     # without a block (off a CPU) nothing is padded
     assert {f["padding"] for f in kernel_features(a).values()} == {1.0}
 

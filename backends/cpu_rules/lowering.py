@@ -32,10 +32,12 @@ GEMV_PANEL_PER_MATMUL_PANEL = 2
 
 
 def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, groups: int,
-                 out_dtype: str) -> te.Tensor:
+                 out_dtype: str, reduced_channels: int | None = None) -> te.Tensor:
     """conv2d of data [N, C/c, H, W, c] with kernel [O/o, I/groups, KH, KW, o], or for a dense conv
     packed [O/o, I/c, KH, KW, c, o] (`_packs_weight`): [N, O/o, H', W', o].
 
+    A dense conv sums over its first `reduced_channels` input channels only (default all): the
+    caller vouches that the weight is zero for the rest (`reduced_in_channels`).
     Accumulates in `out_dtype` (int8 data with int32 out_dtype stays exact)."""
     _, _, height, width, c_block = (int(d) for d in data.shape)
     packed = len(kernel.shape) == 6
@@ -51,7 +53,7 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation,
         data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name=PAD_BLOCK_NAME)
     out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-    rc = te.reduce_axis((0, in_per_group), name="rc")
+    rc = te.reduce_axis((0, reduced_channels if groups == 1 and reduced_channels else in_per_group), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
 
@@ -335,9 +337,11 @@ class _CpuOpLowerer(PyExprMutator):
             # A layout_transform of a constant: FoldConstant packs it at compile time.
             weight = self.builder_.emit(relax.op.layout_transform(
                 weight, index_map=lambda o, i, h, w, oo: (o, i // c_block, h, w, i % c_block, oo)))
+        root = _constant_root(self, call.args[1])
+        reduced = reduced_in_channels(root.value.numpy()) if root is not None and int(attrs.groups) == 1 else None
         return self.builder_.call_te(conv2d_nchwc, data, weight,
                                      ints(attrs.strides), ints(attrs.padding),
-                                     ints(attrs.dilation), int(attrs.groups), _out_dtype(call),
+                                     ints(attrs.dilation), int(attrs.groups), _out_dtype(call), reduced,
                                      primfunc_name_hint="conv2d_nchwc")
 
     def _pool2d(self, call: relax.Call) -> relax.Expr:
@@ -454,6 +458,14 @@ def conv_block(convs: list[tuple[int, int, int]], channel_block: int, fixed: lis
         return None
     return next((blk for blk in blocks
                  if all(block_fits(blk, c) for c in blockable) and all(f % blk == 0 for f in fixed)), None)
+
+
+def reduced_in_channels(weight: np.ndarray) -> int:
+    """Input channels a dense conv with OIHW `weight` sums over: up to its last input channel with a
+    nonzero weight (at least one). The channels `pad_channels` adds to a conv's input carry zero
+    weights: Inception's 8 -> 16 conv padded to 16 -> 16 would compute twice its MACs."""
+    nonzero = np.flatnonzero(np.any(weight.reshape(weight.shape[0], weight.shape[1], -1) != 0, axis=(0, 2)))
+    return int(nonzero[-1]) + 1 if nonzero.size else 1
 
 
 def _conv_shapes(call: relax.Call) -> tuple[int, int, int] | None:
