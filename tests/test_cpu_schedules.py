@@ -593,21 +593,25 @@ def test_vector_spec_says_which_cpus_gather(target, gathers):
     assert cs.cpu_vector_spec(target).gathers == gathers
 
 
-@pytest.mark.parametrize("target, blocks, width, tile", [
-    (AVX2, 12, 14, (6, 2)),     # tall: 12 accumulators, 8 operand loads per 12 FMAs
-    (AVX2, 2, 112, (2, 4)),     # as tall as the blocks allow
-    (AVX2, 3, 56, (3, 4)),
-    (AVX2, 120, 7, (1, 7)),     # a 7-wide row fills one tile row better than 6 x 1
-    (AVX512, 12, 56, (2, 8)),
-    (AVX512, 3, 14, (1, 7)),
-    (AARCH64, 12, 56, (1, 8)),  # a NEON block is two registers: 16 of the 32
+@pytest.mark.parametrize("target, blocks, width, block, tile", [
+    (AVX2, 12, 14, None, (6, 2)),     # tall: 12 accumulators, 8 operand loads per 12 FMAs
+    (AVX2, 2, 112, None, (2, 4)),     # as tall as the blocks allow
+    (AVX2, 3, 56, None, (3, 4)),
+    (AVX2, 120, 7, None, (1, 7)),     # a 7-wide row fills one tile row better than 6 x 1
+    (AVX512, 12, 56, None, (2, 8)),
+    (AVX512, 3, 14, None, (1, 7)),
+    (AARCH64, 12, 56, None, (1, 8)),  # a NEON block is two registers: 16 of the 32
+    (AVX512, 3, 112, 8, (3, 4)),      # block 8 on 16 lanes: half-width registers, tiles up to twice as tall
+    (AVX512, 4, 56, 8, (4, 4)),
+    (AVX512, 3, 112, 16, (1, 8)),
 ])
-def test_conv_register_tile_fits_the_registers_and_divides_the_conv(target, blocks, width, tile):
+def test_conv_register_tile_fits_the_registers_and_divides_the_conv(target, blocks, width, block, tile):
     spec = cs.cpu_vector_spec(target)
-    rows, cols = spec.conv_tile(blocks, width)
+    rows, cols = spec.conv_tile(blocks, width, block)
     assert (rows, cols) == tile
     assert blocks % rows == 0 and width % cols == 0
-    assert rows * cols <= spec.conv_tile_accumulators and rows <= spec.conv_tile_rows
+    assert rows * cols <= spec.conv_tile_accumulators
+    assert rows <= spec.conv_tile_rows * max(1, spec.lanes // (block or spec.channel_block))
 
 
 def test_avx2_conv_accumulates_in_a_tall_register_tile():

@@ -164,7 +164,7 @@ def _schedule_conv_nchwc(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
     c_block, in_channels = _extent(sch, ci), _extent(sch, rc)
     # a depthwise conv's blocks share no operand: its tile is one block wide
     depthwise = in_channels == 1
-    rows, cols = spec.conv_tile(1 if depthwise else _extent(sch, co), _extent(sch, ow))
+    rows, cols = spec.conv_tile(1 if depthwise else _extent(sch, co), _extent(sch, ow), c_block)
     owo, owi = sch.split(ow, [None, cols])
     coo, coi = sch.split(co, [None, rows])
     parallel, chunk_rows = [n, coo, oh], []
