@@ -233,3 +233,21 @@ def test_block_cost_prices_a_conv_held_to_a_narrow_block():
     assert slow and all(wide[s]["block_cost"] == pytest.approx(2 ** NARROW_BLOCK_EXPONENT) for s in slow)
     assert all(wide[s]["class"] in ("conv", "conv1x1", "winograd") for s in slow)
     assert {f["block_cost"] for f in narrow.values()} == {1.0}
+
+
+def test_a_conv_epilogue_costs_no_pass_over_the_output_a_matmul_one_does():
+    """The CPU conv schedules apply a fused epilogue to the register tile as they write it back:
+    a conv with a ReLU fused in has the cost terms of the bare conv. Other classes keep the term."""
+    from nasc.search.predictor import EPILOGUE_IN_REGISTERS, TERMS
+
+    base = {"flops": 1e7, "in_bytes": 4e5, "out_bytes": 8e5, "weight_bytes": 1e4, "out_channels": 64.0,
+            "in_channels_per_group": 32.0, "out_pixels": 3136.0, "window": 1.0, "stride": 1.0, "ops": 1.0,
+            "plain_layout": 0.0, "padding": 1.0, "block_cost": 1.0}
+    epilogue = TERMS.index("epilogue_bytes")
+    for cls in CLASSES:
+        bare, fused = _terms([{**base, "class": cls}, {**base, "class": cls, "ops": 3.0}])
+        if cls in EPILOGUE_IN_REGISTERS:
+            np.testing.assert_array_equal(bare, fused)
+        else:
+            assert fused[epilogue] == 2 * base["out_bytes"] and bare[epilogue] == 0.0
+    assert {"conv", "conv1x1", "dwconv", "winograd"} == set(EPILOGUE_IN_REGISTERS)
