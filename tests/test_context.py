@@ -189,8 +189,8 @@ def test_a_replay_times_the_calls_it_runs_and_skips_the_rest():
 
 
 def test_a_replayed_half_scales_its_timed_calls():
-    """The kernels a half's record times are scaled by its replay; a half not replayed, and the
-    parts of kernels a cut breaks, are priced as before."""
+    """The kernels a half's record times are scaled by its replay, never up; a half not replayed,
+    and the parts of kernels a cut breaks, are priced as before."""
     _, a, cuts = prepared("tiny")
     groups = kernel_groups(a)
     doc = _doc(a, False)
@@ -206,6 +206,9 @@ def test_a_replayed_half_scales_its_timed_calls():
         assert broken >= 0
         assert after.half_ms(head, parts)[0] == pytest.approx(0.5 * timed + broken)
         assert after.half_ms(tail, parts)[0] == before.half_ms(tail, parts)[0]
+        # a replay that read slower than in place is noise: the half keeps its in-place time
+        slower = ContextTimes({**doc, "halves": {half_key(c.head_mask): 1.5}}, a)
+        assert slower.half_ms(head, parts)[0] == pytest.approx(before.half_ms(head, parts)[0])
 
 
 def test_a_cut_through_a_blocked_kernel_moves_its_tensor_through_a_transform_each_side():
