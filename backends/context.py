@@ -84,30 +84,6 @@ class _TensorIndex:
         return None
 
 
-def _timed_calls(vm, args, n_calls: int, runs: int = TIMED_RUNS, sync: Callable[[], None] | None = None) -> np.ndarray:
-    """Seconds of each kernel call of `vm`'s main, the fastest of `runs` (other work only adds time).
-
-    On a GPU a call only launches its kernel: `sync` (the device's) is waited on at each stamp.
-    """
-    best = np.full(n_calls, np.inf)
-    stamps: list[float] = []
-
-    def stamp(_func, symbol, _before, _ret, *_args):
-        if not symbol.startswith(BUILTIN):
-            if sync is not None:
-                sync()
-            stamps.append(time.perf_counter())
-        return 0
-
-    vm.set_instrument(stamp)
-    for _ in range(runs):
-        stamps.clear()
-        vm["main"](*args)
-        best = np.minimum(best, np.diff(np.array(stamps))[::2])
-    vm.set_instrument(None)
-    return best
-
-
 def _call_owners(a: Analysis, calls: list[dict]) -> np.ndarray:
     """The ONNX node each call runs for (-1: none): a call's tensor's producer; a layout transform,
     or a call that computes no ONNX tensor (a Winograd stage), runs for the next call that does;
@@ -124,9 +100,12 @@ def _call_owners(a: Analysis, calls: list[dict]) -> np.ndarray:
     return owner
 
 
-def _replayed_calls(vm, args, run: np.ndarray, runs: int, sync: Callable[[], None] | None = None) -> np.ndarray:
-    """Seconds of each call `run` selects when the VM runs those alone (the others skipped), the
-    fastest of `runs`; inf for the skipped. Stamped as `_timed_calls` stamps."""
+def _timed_calls(vm, args, run: np.ndarray, runs: int = TIMED_RUNS, sync: Callable[[], None] | None = None) -> np.ndarray:
+    """Seconds of each kernel call of `vm`'s main that `run` selects, the fastest of `runs` (other work
+    only adds time); the calls `run` leaves out are skipped (inf). All of them: the calls in place.
+
+    On a GPU a call only launches its kernel: `sync` (the device's) is waited on at each stamp.
+    """
     from tvm.runtime.vm import VMInstrumentReturnKind
 
     best = np.full(len(run), np.inf)
@@ -176,7 +155,7 @@ def replay_halves(vm, args, owner: np.ndarray, in_place_s: np.ndarray, halves: n
         if run.tobytes() not in ratios:
             before = float(in_place_s[run].sum())
             ratios[run.tobytes()] = None if not run.any() or before <= 0.0 else float(
-                np.maximum(_replayed_calls(vm, args, run, runs, sync)[run] - bias_s, 0.0).sum()) / before
+                np.maximum(_timed_calls(vm, args, run, runs, sync)[run] - bias_s, 0.0).sum()) / before
         return ratios[run.tobytes()]
 
     reference = ratio(owner >= 0)
@@ -206,7 +185,7 @@ def _instrument_bias_s(target) -> float:
 
     dev = tvm_device(target.device)
     vm = relax.VirtualMachine(trivial_executable(target), dev)
-    return float(_timed_calls(vm, [tvm.runtime.tensor(np.zeros(1, np.float32), dev)], 1, runs=200,
+    return float(_timed_calls(vm, [tvm.runtime.tensor(np.zeros(1, np.float32), dev)], np.ones(1, bool), runs=200,
                               sync=_sync(target, dev))[0])
 
 
@@ -275,13 +254,13 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     # slows the core for a second slows every run of one session (ResNet-18's calls once
     # summed to 47.8 ms in a session whose whole runs took 27.2)
     sync = _sync(target, dev)
-    best = _timed_calls(vm, args, len(calls), sync=sync)
+    best = _timed_calls(vm, args, np.ones(len(calls), bool), sync=sync)
     # the whole model on a VM that never had an instrument (a cleared one still costs per call)
     f = relax.VirtualMachine(ex, dev).time_evaluator("main", dev, number=NUMBER, repeat=REPEAT,
                                                      min_repeat_ms=MIN_REPEAT_MS)
     whole_ms = float(np.min(f(*args).results) * 1e3)
     bias_s = _instrument_bias_s(target)
-    best = np.maximum(np.minimum(best, _timed_calls(vm, args, len(calls), sync=sync)) - bias_s, 0.0)
+    best = np.maximum(np.minimum(best, _timed_calls(vm, args, np.ones(len(calls), bool), sync=sync)) - bias_s, 0.0)
     call_ms = call_overhead_ms(target)
     replayed = {}
     if halves is not None and len(halves):

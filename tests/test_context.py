@@ -6,7 +6,7 @@ import pytest
 from conftest import prepared
 from nasc import defaults
 from nasc.backends.cpu_rules import winograd
-from nasc.backends.context import MAX_SCALE, _replayed_calls, half_key, measure_in_context, model_key
+from nasc.backends.context import MAX_SCALE, _timed_calls, half_key, measure_in_context, model_key
 from nasc.backends.profile import KernelProfile, kernel_groups
 from nasc.backends.targets import resolve_target
 from nasc.partitioner.cuts import half_masks
@@ -183,7 +183,7 @@ def test_a_replay_times_the_calls_it_runs_and_skips_the_rest():
     doc = measure_in_context(a, target)
     calls = len(doc["kernels"]) + len(doc["transforms"])
     run = np.arange(calls) % 3 == 0
-    got = _replayed_calls(vm, args, run, runs=2)
+    got = _timed_calls(vm, args, run, runs=2)
     assert np.isfinite(got[run]).all() and (got[run] >= 0).all()
     assert np.isinf(got[~run]).all()
 

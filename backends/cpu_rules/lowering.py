@@ -331,13 +331,13 @@ class _CpuOpLowerer(PyExprMutator):
         if attrs.data_layout == "NCHW":  # plain input: blocks of one channel (a reshape is a view, not a copy)
             data = self.builder_.emit(relax.op.reshape(data, [*_static_shape(data), 1]))
         weight = call.args[1]
+        root = _constant_root(self, weight)
         c_block = _static_shape(data)[-1]
-        if attrs.data_layout != "NCHW" and _constant_root(self, weight) is not None and _packs_weight(
+        if attrs.data_layout != "NCHW" and root is not None and _packs_weight(
                 _static_shape(weight), np.dtype(str(weight.ty.dtype)).itemsize, c_block, int(attrs.groups)):
             # A layout_transform of a constant: FoldConstant packs it at compile time.
             weight = self.builder_.emit(relax.op.layout_transform(
                 weight, index_map=lambda o, i, h, w, oo: (o, i // c_block, h, w, i % c_block, oo)))
-        root = _constant_root(self, call.args[1])
         reduced = reduced_in_channels(root.value.numpy()) if root is not None and int(attrs.groups) == 1 else None
         return self.builder_.call_te(conv2d_nchwc, data, weight,
                                      ints(attrs.strides), ints(attrs.padding),
