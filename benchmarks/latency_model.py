@@ -13,6 +13,9 @@ Five models price each half, side by side on the same measured cuts (benchmarks/
   the records and the halves they price see the same minutes of this shared host;
 - analytic: the roofline defaults.
 Reports the share of halves within +-10% and the MAPE; writes results/latency_model_t<threads>.json.
+Also, as a diagnostic, the same for each half as a share of its model's whole (predicted over the
+predicted whole model, measured over the measured one): the error left once the drift of this
+shared host between the minutes a record and the cuts were timed in is taken out.
 
     python benchmarks/latency_model.py [MODEL ...] [--suite N] [--limit-cuts N] [-o FILE]
 """
@@ -181,6 +184,15 @@ def _errors(pred: np.ndarray, meas: np.ndarray) -> dict:
             "mean_signed_pct": float(e.mean()) if len(a) else None}
 
 
+def share_errors(models: list[tuple[dict, float]]) -> dict:
+    """`_errors` of each half as a share of its model's whole: for each (mode's record of one model,
+    measured whole model ms), every half predicted over the whole model predicted on its side,
+    against the half measured over the whole model measured."""
+    pairs = [(x["predicted_ms"] / mode["whole_predicted_ms"][h], x["measured_ms"] / whole_ms)
+             for mode, whole_ms in models for h in ("head", "tail") for x in mode["per_cut"][h]]
+    return _errors(np.array([p for p, _ in pairs]), np.array([q for _, q in pairs]))
+
+
 def repeatability(times: dict) -> dict:
     """The measurement noise the errors sit on: the whole model is compiled and timed three times
     over (alone, as the server-only tail, as the device-only head); their spread, max/min - 1."""
@@ -224,9 +236,16 @@ def evaluate(name: str, p, suite: prof.KernelProfile, target, limit_cuts: int | 
                 {"index": c.index, "predicted_ms": float(pv), "measured_ms": float(mv)}
                 for (c, _), pv, mv in zip([rw for rw, h in zip(rows, has) if h], pred, meas)]
         out.setdefault("source", {})[half] = models["predicted"].source
-    for mode in MODES:
+    whole = np.ones((1, len(a.nodes)), bool)
+    for mode, lm in models.items():
         both = [x for h in ("head", "tail") for x in out["modes"][mode]["per_cut"][h]]
         out["modes"][mode]["all"] = _errors(np.array([x["predicted_ms"] for x in both]), np.array([x["measured_ms"] for x in both]))
+        # each half as a share of the whole model on its side: what is left once this host's drift
+        # between the minutes a record and the cuts were timed in is taken out
+        out["modes"][mode]["whole_predicted_ms"] = {
+            half: float(half_ms(lm, a, whole, side)[0]) + (lm.call_ms(side) if hasattr(lm, "call_ms") else 0.0)
+            for half, side in (("head", DEVICE), ("tail", SERVER))}
+        out["modes"][mode]["relative_to_whole"] = share_errors([(out["modes"][mode], times["whole_model"]["ms"])])
     return out
 
 
@@ -264,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         overall[m] = _errors(np.array([x["predicted_ms"] for x in per]), np.array([x["measured_ms"] for x in per]))
         print(f"all halves, {m:9s}: {overall[m]['within_10pct'] * 100:.0f}% within ±10%, MAPE {overall[m]['mape_pct']:.1f}% "
               f"(median {overall[m]['median_ape_pct']:.1f}%, mean signed {overall[m]['mean_signed_pct']:+.1f}%, n={overall[m]['n']})")
+    for m in MODES:
+        overall[m]["relative_to_whole"] = e = share_errors([(r["modes"][m], r["whole_model_ms"]) for r in results])
+        print(f"as shares of each model's whole, {m:9s}: {e['within_10pct'] * 100:.0f}% within ±10%, MAPE {e['mape_pct']:.1f}%")
     doc = {"host_cpu": host_cpu(), "threads": THREADS, "target": target.to_json(), "suite_size": args.suite,
            "predictor_samples": suite.predictor.samples, "tolerance_pct": TOLERANCE_PCT, "overall": overall,
            "models": results, "seconds": round(time.perf_counter() - t0, 1),

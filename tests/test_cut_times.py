@@ -151,3 +151,15 @@ def test_an_in_place_record_is_rescaled_to_the_fastest_whole_run():
     assert sum(c["ms"] for c in [*out["kernels"], *out["transforms"]]) == pytest.approx(4.4)
     assert lm.rescaled(out, 4.4)["kernels"] == out["kernels"]   # idempotent
     assert doc["scale"] == 1.4 and doc["kernels"][0]["ms"] == 1.4  # the input is left as it was
+
+
+def test_shares_of_the_whole_model_take_out_a_common_factor():
+    """A mode that prices every half and the whole model 20% high prices every share exactly; a
+    half it prices 20% high alone is 20% off as a share too."""
+    lm = _load("latency_model")
+    per_cut = {"head": [{"predicted_ms": 1.2, "measured_ms": 1.0}], "tail": [{"predicted_ms": 3.6, "measured_ms": 3.0}]}
+    mode = {"per_cut": per_cut, "whole_predicted_ms": {"head": 4.8, "tail": 4.8}}
+    exact = lm.share_errors([(mode, 4.0)])
+    assert exact["n"] == 2 and exact["mape_pct"] == pytest.approx(0.0) and exact["within_10pct"] == 1.0
+    off = lm.share_errors([({**mode, "whole_predicted_ms": {"head": 4.0, "tail": 4.8}}, 4.0)])
+    assert off["mape_pct"] == pytest.approx(10.0) and off["mean_signed_pct"] == pytest.approx(10.0)
