@@ -63,6 +63,8 @@ class Analysis:
     shape_only: np.ndarray = field(repr=False)
     # each initializer as a CPU device holds it compiled: a Winograd conv's weight transformed (4x)
     device_weight_bytes: dict[str, int] = field(repr=False)
+    # integer initializers: shapes, axes, split sizes, indices; parameters of an op, not data it streams
+    index_initializers: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
     def node_names(self) -> list[str]:
@@ -198,4 +200,6 @@ def analyze(model: ModelProto) -> Analysis:
         outputs=[o.name for o in g.output], producer=producer, consumers=consumers, node_inits=node_inits,
         macs=macs, flops=flops, param_bytes=params, bytes_moved=moved, fused=fused, shape_only=shape_only,
         device_weight_bytes=device_bytes,
+        index_initializers=frozenset(t.name for t in g.initializer if np.issubdtype(
+            helper.tensor_dtype_to_np_dtype(t.data_type), np.integer)),
     )

@@ -27,6 +27,22 @@ def test_features_classify_the_kernels_of_real_models():
             assert f["in_channels_per_group"] == 1 and f["window"] == 9
 
 
+def test_weight_bytes_are_the_float_data_a_kernel_reads_not_its_integer_parameters():
+    """A Split's sizes or a Reshape's shape is an int64 initializer: no weight. ShuffleNetV2's
+    Split read 16 such bytes, and the elementwise fit, whose only weights are a Clip's two float
+    bounds, priced it 3.3 us; in place, with the concat and transpose it is fused with, it ran in 0.3."""
+    _, a, _ = prepared("shufflenet")
+    splits = [i for i, n in enumerate(a.nodes) if n.op_type == "Split" and a.node_inits[i]]
+    assert splits and all(a.node_inits[i][0] in a.index_initializers for i in splits)
+    assert all(group_features(a, (i,))["weight_bytes"] == 0.0 for i in splits)
+    for g in kernel_groups(a):
+        f = group_features(a, g.nodes)
+        floats = sum(a.initializer_bytes[w] for i in g.nodes for w in a.node_inits[i] if w not in a.index_initializers)
+        assert f["weight_bytes"] == floats
+        if f["class"] in ("conv", "conv1x1", "dwconv"):
+            assert f["weight_bytes"] > 0
+
+
 def test_convs_that_miss_the_cpu_block_are_priced_apart():
     """DenseNet's growth of 12 channels keeps its convs out of NCHW8c: they run in plain layout."""
     _, a, _ = prepared("densenet")
