@@ -6,7 +6,7 @@ import pytest
 from conftest import prepared
 from nasc import defaults
 from nasc.backends.cpu_rules import winograd
-from nasc.backends.context import MAX_SCALE, _direct_s, _kernel_calls, half_key, measure_in_context, model_key
+from nasc.backends.context import MAX_SCALE, _direct_pair_s, _direct_s, _kernel_calls, half_key, measure_in_context, model_key
 from nasc.backends.profile import KernelProfile, kernel_groups
 from nasc.backends.targets import resolve_target
 from nasc.partitioner.cuts import half_masks
@@ -192,6 +192,9 @@ def test_a_replay_calls_the_whole_models_kernels_on_its_buffers():
     np.testing.assert_array_equal(out.numpy(), want)
     some = _direct_s(calls[::4], min_runs=3, min_s=0.0)
     assert 0.0 < some < every
+    # a half and the whole model replayed in rounds: the same two times, up to this host's noise
+    half, whole = _direct_pair_s(calls[::4], calls, min_runs=6, min_s=0.0)
+    assert 0.0 < half < whole and 0.5 < whole / every < 2.0
     assert 0.5 < every * 1e3 / doc["whole_ms"] < 2.0
 
 
