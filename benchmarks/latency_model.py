@@ -225,26 +225,26 @@ def evaluate(name: str, p, suite: prof.KernelProfile, target, limit_cuts: int | 
     out = {"model": name, "config": MODELS.get(name), "cuts_measured": len(rows), "cuts_total": len(p.cuts),
            "whole_model_ms": times["whole_model"]["ms"], "repeatability": repeatability(times), "modes": {}}
     masks = np.stack([c.head_mask for c, _ in rows]).astype(bool)
+    whole = np.ones((1, len(a.nodes)), bool)
     for half, side, sel, key in (("head", DEVICE, masks, "head_ms"), ("tail", SERVER, ~masks, "tail_ms")):
         has = sel.any(axis=1)
         meas = np.array([r[key] for _, r in rows])[has]
         for mode, lm in models.items():
             call = lm.call_ms(side) if hasattr(lm, "call_ms") else 0.0
-            pred = half_ms(lm, a, sel[has], side) + call
+            # the whole model priced on this side too: each half's share of it (share_errors)
+            *pred, whole_ms = half_ms(lm, a, np.vstack([sel[has], whole]), side) + call
+            pred = np.array(pred)
             out["modes"].setdefault(mode, {})[half] = _errors(pred, meas)
+            out["modes"][mode].setdefault("whole_predicted_ms", {})[half] = float(whole_ms)
             out["modes"][mode].setdefault("per_cut", {})[half] = [
                 {"index": c.index, "predicted_ms": float(pv), "measured_ms": float(mv)}
                 for (c, _), pv, mv in zip([rw for rw, h in zip(rows, has) if h], pred, meas)]
         out.setdefault("source", {})[half] = models["predicted"].source
-    whole = np.ones((1, len(a.nodes)), bool)
-    for mode, lm in models.items():
+    for mode in MODES:
         both = [x for h in ("head", "tail") for x in out["modes"][mode]["per_cut"][h]]
         out["modes"][mode]["all"] = _errors(np.array([x["predicted_ms"] for x in both]), np.array([x["measured_ms"] for x in both]))
         # each half as a share of the whole model on its side: what is left once this host's drift
         # between the minutes a record and the cuts were timed in is taken out
-        out["modes"][mode]["whole_predicted_ms"] = {
-            half: float(half_ms(lm, a, whole, side)[0]) + (lm.call_ms(side) if hasattr(lm, "call_ms") else 0.0)
-            for half, side in (("head", DEVICE), ("tail", SERVER))}
         out["modes"][mode]["relative_to_whole"] = share_errors([(out["modes"][mode], times["whole_model"]["ms"])])
     return out
 
