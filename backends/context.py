@@ -103,6 +103,58 @@ def _call_owners(a: Analysis, calls: list[dict]) -> np.ndarray:
     return owner
 
 
+def fused_units(a: Analysis, groups: list, computed: set) -> list[list[int]]:
+    """The kernel groups (indices into `groups`, profile.kernel_groups) that ran as one call: a
+    group whose output no call computed (`computed`: the tensors the calls wrote) was fused by TVM
+    into its readers' kernel, through reshapes. A cut through a unit breaks that call in two."""
+    group_of = {i: g for g, grp in enumerate(groups) for i in grp.nodes}
+    parent = list(range(len(groups)))
+
+    def root(g: int) -> int:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    def readers(t: str) -> list[int]:  # kernel nodes reading t, looking through reshapes
+        out = []
+        for c in a.consumers.get(t, []):
+            if c in group_of:
+                out.append(c)
+            elif a.shape_only[c]:
+                out += [r for o in a.nodes[c].output for r in readers(o)]
+        return out
+
+    for g, grp in enumerate(groups):
+        out = [o for o in a.nodes[grp.nodes[-1]].output if o in a.specs]
+        if out and out[0] not in computed:
+            for reader in readers(out[0]):
+                parent[root(group_of[reader])] = root(g)
+    units: dict[int, list[int]] = {}
+    for g in range(len(groups)):
+        units.setdefault(root(g), []).append(g)
+    return list(units.values())
+
+
+def call_nodes(a: Analysis, calls: list[dict], owner: np.ndarray) -> list[np.ndarray]:
+    """The ONNX nodes each call computes: its owner's fused unit (`fused_units`); none for a
+    layout transform, which moves a tensor and computes nothing."""
+    from nasc.backends.profile import kernel_groups
+
+    groups = kernel_groups(a)
+    units = fused_units(a, groups, {c["tensor"] for c in calls if TRANSFORM not in c["symbol"]})
+    nodes_of = {i: np.array([n for g in u for n in groups[g].nodes]) for u in units for g in u for i in groups[g].nodes}
+    return [nodes_of.get(int(o), np.array([int(o)])) if o >= 0 and TRANSFORM not in c["symbol"] else np.array([], int)
+            for c, o in zip(calls, owner)]
+
+
+def half_calls(owner: np.ndarray, nodes: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """Which calls a half (node mask) replays: those whose owner it holds, save a kernel the cut
+    breaks (some of its nodes outside the half), which the half runs as a part compiled apart and
+    search.latency.ContextTimes prices apart. ResNet-18's tail at the last block's residual add
+    replayed the fused conv whose add it holds, and its classifier took that conv's ratio."""
+    return np.array([o >= 0 and bool(mask[o]) and bool(mask[n].all()) for o, n in zip(owner, nodes)], bool)
+
+
 def _timed_calls(vm, args, runs: int = TIMED_RUNS, sync: Callable[[], None] | None = None) -> np.ndarray:
     """Seconds of each kernel call of `vm`'s main, in place: the fastest of `runs` (other work only adds time).
 
@@ -171,11 +223,12 @@ def _direct_pair_s(calls: list[tuple], other: list[tuple], sync: Callable[[], No
     return best, best_other
 
 
-def replay_halves(calls: list[tuple], owner: np.ndarray, in_place_s: np.ndarray, halves: np.ndarray, call_bias_s: float,
-                  sync: Callable[[], None] | None = None) -> dict[str, float]:
+def replay_halves(calls: list[tuple], owner: np.ndarray, nodes: list[np.ndarray], in_place_s: np.ndarray,
+                  halves: np.ndarray, call_bias_s: float, sync: Callable[[], None] | None = None) -> dict[str, float]:
     """{half_key: ratio} for each node mask in `halves`: the time of its calls ((kernel, arguments) of
-    the whole model's run, `owner` their nodes) called alone, back to back, against their time in
-    place in the whole model (`in_place_s`), relative to the same ratio of every call.
+    the whole model's run, `owner` their nodes, `nodes` what each computes; `half_calls`) called
+    alone, back to back, against their time in place in the whole model (`in_place_s`), relative
+    to the same ratio of every call.
 
     A half run on its own finds in cache what the whole model had evicted between two runs of a
     kernel: ResNet-18's classifier took 0.109 ms in place and 0.042 as the tail that runs it alone.
@@ -209,7 +262,7 @@ def replay_halves(calls: list[tuple], owner: np.ndarray, in_place_s: np.ndarray,
     if not every or every_in_place <= 0.0:
         return out
     for mask in np.asarray(halves, bool):
-        if (r := ratio((owner >= 0) & mask[np.maximum(owner, 0)])) is not None:
+        if (r := ratio(half_calls(owner, nodes, mask))) is not None:
             out[half_key(mask)] = r
     return out
 
@@ -282,7 +335,8 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     from tvm import relax
 
     from nasc.backends import tvm as tvm_backend
-    from nasc.backends.profile import NUMBER, REPEAT, MIN_REPEAT_MS, call_overhead_ms
+    from nasc.backends.profile import call_overhead_ms
+    from nasc.backends.tvm import MIN_REPEAT_MS, NUMBER, REPEAT
     from nasc.compile import sample_inputs
 
     tvm_backend.set_threads()
@@ -339,7 +393,9 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     if halves is not None and len(halves):
         if log:
             log(f"replaying {len(halves)} halves alone")
-        replayed = replay_halves(replayable, _call_owners(a, calls), best, halves, _call_bias_s(target), sync=sync)
+        owner = _call_owners(a, calls)
+        replayed = replay_halves(replayable, owner, call_nodes(a, calls, owner), best, halves, _call_bias_s(target),
+                                 sync=sync)
 
     raw = best * 1e3
     # Calls are scaled to the whole run. Normally they sum to less (dispatch between them); on a

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 # /2: kernels are timed in place (their own calls only), layout transforms and call costs apart
 PROFILE_FORMAT = "nasc-kernel-profile/2"
-# time_evaluator settings. Each repeat averages calls over >= MIN_REPEAT_MS; the fastest repeat
-# is kept: on a shared machine other work only ever adds time, so the minimum is the stable figure.
-NUMBER, REPEAT, MIN_REPEAT_MS = 5, 7, 20
 
 
 @dataclass(frozen=True)
@@ -155,23 +152,6 @@ def planned_layouts(a: Analysis, groups: list[KernelGroup], target) -> list[tupl
     return [({x for x, b in k["reads"] if b}, bool(k["blocked"])) for k in plan["kernels"]]
 
 
-def time_model_ms(model: ModelProto, target, executable=None, database=None) -> float:
-    """Milliseconds of one call of a compiled model on `target` (which must run here): the fastest repeat."""
-    import tvm
-    from tvm import relax
-
-    from nasc.backends import tvm as tvm_backend
-
-    from nasc.compile import sample_inputs
-
-    ex = executable or tvm_backend.compile_model(model, target, database=database)
-    dev = tvm_backend.tvm_device(target.device)
-    vm = relax.VirtualMachine(ex, dev)
-    args = [tvm.runtime.tensor(x, dev) for x in sample_inputs(model, 1)[0].values()]
-    f = vm.time_evaluator("main", dev, number=NUMBER, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS)
-    return float(np.min(f(*args).results) * 1e3)
-
-
 CALL_KEY = "call_overhead"
 # layout transforms are kernels too: their samples are keyed by the bytes they move
 LAYOUT_PREFIX = "layout:"
@@ -209,6 +189,8 @@ def trivial_executable(target):
 @lru_cache(maxsize=None)
 def call_overhead_ms(target) -> float:
     """What one VM call costs beyond its kernels: the trivial model, timed like any kernel (once per target)."""
+    from nasc.backends.tvm import time_model_ms
+
     return time_model_ms(trivial_model(), target, executable=trivial_executable(target))
 
 
@@ -222,8 +204,9 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     its own calls only. The layout transforms around it are kept as samples of their own
     (`layout:<bytes>`), and the cost of a call under CALL_KEY. On a CPU a conv-free kernel is
     timed in the layout it has in `a`: the inputs `planned_layouts` names (with `blocked`, all
-    its 4-D inputs, as in a CNN) arrive NCHW{c}c through `in_blocked_layout`; a conv that reads
-    plain and writes blocked there (a stem) writes blocked alone too.
+    its 4-D inputs, as in a CNN) arrive NCHW{c}c through `in_blocked_layout`, and its output
+    leaves so where it writes blocked; a conv that reads plain and writes blocked there (a stem)
+    writes blocked alone too.
     """
     from nasc.backends import tvm as tvm_backend
     from nasc.backends.context import measure_in_context
@@ -251,7 +234,10 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
             if writes and not reads:
                 alone = in_blocked_layout(alone, set(), outputs=True)
         elif reads is None or reads:
-            alone = in_blocked_layout(alone, reads)
+            # written blocked too, as the CNN's next conv reads it: a trailing transform to plain
+            # would fuse with an elementwise kernel into one call, timed as a transform (a suite
+            # Add+Relu of 2 x 30 MB read 0 ms, and its transform twice the Add)
+            alone = in_blocked_layout(alone, reads, outputs=writes)
         ga = prepared_analysis(alone)
         doc = measure_in_context(ga, target, database=database)
         times[sig] = float(sum(c["ms"] for c in doc["kernels"]))

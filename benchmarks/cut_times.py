@@ -81,10 +81,10 @@ def cache_key(p, target) -> dict:
     """What the times depend on: source and prepared model, target, host CPU, threads and the code
     that compiles and times the halves."""
     from nasc.backends.targets import host_cpu
-    from nasc.backends.tvm import pipeline_fingerprint
+    from nasc.backends.tvm import COMPILE_MODULES, pipeline_fingerprint
 
     return {
-        "pipeline": pipeline_fingerprint(),
+        "pipeline": pipeline_fingerprint(COMPILE_MODULES),
         "source_sha256": p.source_sha256,
         "prepared_sha256": _sha256(p.model),
         "target": target.to_json(),
@@ -179,7 +179,7 @@ def time_half(half: ModelProto, target, where: str, kept: list | None = None) ->
     """Compile one half, check it against ORT, and time it: ms, compile seconds, error vs ORT.
     With `kept`, (half, executable) is appended to it, to be timed again later (`time_again`)."""
     from nasc.backends import tvm as tvm_backend
-    from nasc.backends.profile import time_model_ms
+    from nasc.backends.tvm import time_model_ms
 
     start = time.perf_counter()
     ex = tvm_backend.compile_model(half, target, where=where)
@@ -219,7 +219,7 @@ def time_again(kept: list, target, sessions: int = AGAIN_SESSIONS, between: Call
     compiled, cost seconds; every session's time is kept in the record (`<role>_ms_sessions`).
     `between(s)`, when given, runs after session s: what else is measured in the same minutes.
     """
-    from nasc.backends.profile import time_model_ms
+    from nasc.backends.tvm import time_model_ms
 
     for s in range(sessions):
         for rec, key, half, ex in (reversed(kept) if s % 2 == 0 else kept):
@@ -231,7 +231,7 @@ def time_again(kept: list, target, sessions: int = AGAIN_SESSIONS, between: Call
 
 
 def _document(about: dict, key: dict, whole: dict | None, records: list[dict]) -> dict:
-    from nasc.backends.profile import MIN_REPEAT_MS, NUMBER, REPEAT
+    from nasc.backends.tvm import MIN_REPEAT_MS, NUMBER, REPEAT
 
     return {
         "format": FORMAT,

@@ -348,7 +348,6 @@ class ContextTimes:
         self.a = a
         self.layout_ms = layout_ms
         self.groups = groups if groups is not None else kernel_groups(a)
-        self.group_of = {i: g for g, grp in enumerate(self.groups) for i in grp.nodes}
         node = lambda t: a.producer.get(t, -1) if t is not None else -1  # noqa: E731  (-1: a graph input)
         # kernels no ONNX tensor matched (fused past a tensor ONNX Runtime keeps) go with the next one
         self.kernels: list[tuple[int, float]] = []
@@ -381,36 +380,11 @@ class ContextTimes:
                               if k["blocked"] and node(k["tensor"]) in self.unit_of}
 
     def _units(self, doc: dict) -> list[list[int]]:
-        """Kernel groups that ran as one call: a group whose output no call computed was fused by
-        TVM into its readers' kernel; such groups are priced together (and split by a cut as parts)."""
-        a = self.a
-        group_of = self.group_of
-        computed = {k["tensor"] for k in doc["kernels"]}
-        parent = list(range(len(self.groups)))
+        """Kernel groups that ran as one call (backends.context.fused_units): priced together, and
+        split by a cut as parts."""
+        from nasc.backends.context import fused_units
 
-        def root(g: int) -> int:
-            while parent[g] != g:
-                g = parent[g]
-            return g
-
-        def readers(t: str) -> list[int]:  # kernel nodes reading t, looking through reshapes
-            out = []
-            for c in a.consumers.get(t, []):
-                if c in group_of:
-                    out.append(c)
-                elif a.shape_only[c]:
-                    out += [r for o in a.nodes[c].output for r in readers(o)]
-            return out
-
-        for g, grp in enumerate(self.groups):
-            out = [o for o in a.nodes[grp.nodes[-1]].output if o in a.specs]
-            if out and out[0] not in computed:
-                for reader in readers(out[0]):
-                    parent[root(group_of[reader])] = root(g)
-        units: dict[int, list[int]] = {}
-        for g in range(len(self.groups)):
-            units.setdefault(root(g), []).append(g)
-        return list(units.values())
+        return fused_units(self.a, self.groups, {k["tensor"] for k in doc["kernels"]})
 
     def _transform_ms(self, t: str) -> float:
         if t in self.measured_transform:

@@ -6,7 +6,8 @@ import pytest
 from conftest import prepared
 from nasc import defaults
 from nasc.backends.cpu_rules import winograd
-from nasc.backends.context import MAX_SCALE, _direct_pair_s, _direct_s, _kernel_calls, half_key, measure_in_context, model_key
+from nasc.backends.context import (MAX_SCALE, _call_owners, _direct_pair_s, _direct_s, _kernel_calls, call_nodes, half_calls,
+                                   half_key, measure_in_context, model_key)
 from nasc.backends.profile import KernelProfile, kernel_groups
 from nasc.backends.targets import resolve_target
 from nasc.partitioner.cuts import half_masks
@@ -159,14 +160,41 @@ def test_every_cut_half_is_replayed_alone_in_the_compiled_model():
     masks = half_masks(cuts)
     assert len(masks) == sum(bool(c.head_mask.any()) + bool((~c.head_mask).any()) for c in cuts)
     doc = measure_in_context(a, resolve_target("llvm"), halves=masks)
-    # every half that runs a kernel is replayed (a tail of shape ops alone runs none)
-    kernel_nodes = [n for n, _ in ContextTimes(doc, a).kernels]
-    assert set(doc["halves"]) == {half_key(m) for m in masks if m[kernel_nodes].any()}
+    # every half that runs a kernel whole is replayed (a tail of shape ops alone runs none, and one
+    # that holds only the end of a fused kernel runs it as a part compiled apart)
+    ctx = ContextTimes(doc, a)
+    unit = lambda n: [i for g in ctx.units[ctx.unit_of[n]] for i in ctx.groups[g].nodes]  # noqa: E731
+    timed = lambda m: [n for n, _ in ctx.kernels if m[n] and m[unit(n)].all()]  # noqa: E731
+    assert set(doc["halves"]) == {half_key(m) for m in masks if timed(m)}
     assert len(doc["halves"]) >= len(cuts) - 2
     assert all(np.isfinite(r) and r > 0 for r in doc["halves"].values())
     # the whole model replayed runs every call, as in place: the same time up to this host's noise
     whole = half_key(np.ones(len(a.nodes), bool))
     assert 0.5 < doc["halves"][whole] < 2.0
+
+
+def test_a_half_replays_exactly_the_kernels_its_record_times():
+    """A half replays the calls whose fused unit it holds whole, the kernels ContextTimes times for
+    it; a kernel a cut breaks is replayed by neither half (each runs its part compiled apart)."""
+    _, a, cuts = prepared("resnet8")
+    doc = measure_in_context(a, resolve_target("llvm"))
+    ctx = ContextTimes(doc, a)
+    calls = [{"symbol": k["symbol"], "tensor": k["tensor"]} for k in doc["kernels"]]
+    owner = _call_owners(a, calls)
+    nodes = call_nodes(a, calls, owner)
+    assert all(len(n) and o in n for o, n in zip(owner, nodes) if o >= 0)
+    assert any(len(n) > 1 for n in nodes)      # convs with their adds and relus
+    unit = lambda n: [i for g in ctx.units[ctx.unit_of[n]] for i in ctx.groups[g].nodes]  # noqa: E731
+    broke = 0
+    for c in cuts:
+        head, tail = half_calls(owner, nodes, c.head_mask), half_calls(owner, nodes, ~c.head_mask)
+        assert not (head & tail).any()
+        for mask, chosen in ((c.head_mask, head), (~c.head_mask, tail)):
+            assert {int(o) for o in owner[chosen]} == {n for n, _ in ctx.kernels if mask[n] and mask[unit(n)].all()}
+        split = [k for k, n in enumerate(nodes) if 0 < c.head_mask[n].sum() < len(n)]
+        assert not (head | tail)[split].any()
+        broke += bool(split)
+    assert broke     # some cut of the residual net falls inside a fused conv + add + relu
 
 
 def test_a_replay_calls_the_whole_models_kernels_on_its_buffers():

@@ -59,7 +59,7 @@ def test_a_kernel_timed_alone_runs_in_the_layout_its_cnn_gives_it():
     full = {**feeds, **ort.run(m, feeds)}
     assert layouts[0] == (set(), True)   # the stem reads the RGB input plain and writes blocked
     cases = [(g, in_blocked_layout(group_model(a, g), set(), outputs=True)) for g in groups[:1]]
-    cases += [(g, in_blocked_layout(group_model(a, g), r)) for g, (r, _) in zip(groups, layouts)
+    cases += [(g, in_blocked_layout(group_model(a, g), r, outputs=w)) for g, (r, w) in zip(groups, layouts)
               if r and not any(a.nodes[i].op_type == "Conv" for i in g.nodes)]
     assert len(cases) >= 2
     for g, alone in cases:
@@ -75,6 +75,23 @@ def test_a_kernel_timed_alone_runs_in_the_layout_its_cnn_gives_it():
     pool = prepared_analysis(next(m for m in calibration_suite(12) if "pool" in m.doc_string))
     assert not any(r or w for r, w in planned_layouts(pool, kernel_groups(pool), llvm))
     assert any(m.doc_string == "suite stem" for m in calibration_suite(len(SUITE_MIX)))
+
+
+def test_an_elementwise_kernel_timed_alone_is_timed_as_a_kernel():
+    """An Add+Relu reading and writing NCHW{c}c, as between a CNN's convs, is one kernel call of
+    its own: were its output made plain after it, the transform would fuse with it, and the call
+    would count as a transform, leaving the kernel 0 ms."""
+    from nasc.examples.builder import Net
+
+    n = Net("eltwise", 0)
+    x, other = n.input("input", (1, 64, 28, 28)), n.input("other", (1, 64, 28, 28))
+    a = prepared_analysis(n.build(n.act(n.add(x, other), "relu"), "add relu"))
+    llvm, (g,) = resolve_target("llvm"), kernel_groups(a)
+    doc = measure_in_context(prepared_analysis(in_blocked_layout(group_model(a, g), None, outputs=True)), llvm)
+    assert [k["blocked"] for k in doc["kernels"]] == [True] and doc["kernels"][0]["ms"] > 0
+    assert not any("add" in t["symbol"] for t in doc["transforms"])
+    times = measure_kernels(a, llvm, blocked=True)
+    assert times[g.signature] > 0
 
 
 def test_measured_model_uses_kernels_and_call_overhead():

@@ -127,6 +127,7 @@ def _profile_model(args, target, kernels: dict, features: dict, contexts: dict, 
     from nasc.backends import profile as prof
     from nasc.backends.context import measure_in_context, model_key
     from nasc.backends.profile import KernelProfile
+    from nasc.backends.tvm import time_model_ms
     from nasc.compile import plan
     from nasc.defaults import DEFAULT_DEVICE, DEFAULT_SERVER
     from nasc.partitioner import parse_shape
@@ -160,7 +161,7 @@ def _profile_model(args, target, kernels: dict, features: dict, contexts: dict, 
             if not side_mask.any():
                 continue
             status.update(f"measuring {half} of cut {c.index}")
-            r = {"measured_ms": prof.time_model_ms(extract(a, c), target, database=database)}
+            r = {"measured_ms": time_model_ms(extract(a, c), target, database=database)}
             for k, lm in models.items():
                 r[k] = float(half_ms(lm, a, side_mask, side)[0]) + call
             row[half] = r
