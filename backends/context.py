@@ -142,7 +142,10 @@ def call_nodes(a: Analysis, calls: list[dict], owner: np.ndarray) -> list[np.nda
 
     groups = kernel_groups(a)
     units = fused_units(a, groups, {c["tensor"] for c in calls if TRANSFORM not in c["symbol"]})
-    nodes_of = {i: np.array([n for g in u for n in groups[g].nodes]) for u in units for g in u for i in groups[g].nodes}
+    nodes_of: dict[int, np.ndarray] = {}
+    for u in units:
+        nodes = np.array([n for g in u for n in groups[g].nodes])
+        nodes_of.update(dict.fromkeys(nodes.tolist(), nodes))
     return [nodes_of.get(int(o), np.array([int(o)])) if o >= 0 and TRANSFORM not in c["symbol"] else np.array([], int)
             for c, o in zip(calls, owner)]
 
@@ -336,7 +339,6 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
 
     from nasc.backends import tvm as tvm_backend
     from nasc.backends.profile import call_overhead_ms
-    from nasc.backends.tvm import MIN_REPEAT_MS, NUMBER, REPEAT
     from nasc.compile import sample_inputs
 
     tvm_backend.set_threads()
@@ -383,9 +385,7 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     sync = _sync(target, dev)
     best = _timed_calls(vm, args, sync=sync)
     # the whole model on a VM that never had an instrument (a cleared one still costs per call)
-    f = relax.VirtualMachine(ex, dev).time_evaluator("main", dev, number=NUMBER, repeat=REPEAT,
-                                                     min_repeat_ms=MIN_REPEAT_MS)
-    whole_ms = float(np.min(f(*args).results) * 1e3)
+    whole_ms = tvm_backend.time_model_ms(a.model, target, executable=ex)
     bias_s = _instrument_bias_s(target)
     best = np.maximum(np.minimum(best, _timed_calls(vm, args, sync=sync)) - bias_s, 0.0)
     call_ms = call_overhead_ms(target)

@@ -232,8 +232,8 @@ def evaluate(name: str, p, suite: prof.KernelProfile, target, limit_cuts: int | 
         for mode, lm in models.items():
             call = lm.call_ms(side) if hasattr(lm, "call_ms") else 0.0
             # the whole model priced on this side too: each half's share of it (share_errors)
-            *pred, whole_ms = half_ms(lm, a, np.vstack([sel[has], whole]), side) + call
-            pred = np.array(pred)
+            priced = half_ms(lm, a, np.vstack([sel[has], whole]), side) + call
+            pred, whole_ms = priced[:-1], priced[-1]
             out["modes"].setdefault(mode, {})[half] = _errors(pred, meas)
             out["modes"][mode].setdefault("whole_predicted_ms", {})[half] = float(whole_ms)
             out["modes"][mode].setdefault("per_cut", {})[half] = [
