@@ -270,6 +270,116 @@ def replay_halves(calls: list[tuple], owner: np.ndarray, nodes: list[np.ndarray]
     return out
 
 
+def crossing_tensors(a: Analysis, halves: np.ndarray) -> list[str]:
+    """The 4-D float activations some half in `halves` ((H, nodes) bool masks) receives or sends:
+    made on one side of its cut (a graph input: outside every half) and read on the other."""
+    out = []
+    for t, spec in a.specs.items():
+        readers = a.consumers.get(t, [])
+        if len(spec.shape) != 4 or np.dtype(spec.dtype) != np.float32 or not readers:
+            continue
+        made = halves[:, a.producer[t]] if t in a.producer else np.zeros(len(halves), bool)
+        if (halves[:, readers] != made[:, None]).any():
+            out.append(t)
+    return out
+
+
+def crossing_model(shapes: list[tuple[int, ...]], block: int) -> ModelProto:
+    """A model that moves a tensor of each shape into NCHW{block}c and out again, as a tail that
+    receives one and a head that sends one do: input `x<k>` enters through an identity conv (the
+    CPU lowering makes it a layout transform, as it does a received tensor's), is rectified in
+    the block, and leaves through another (`y<k>`). A `block`-channel identity conv holds the
+    layout pass to `block`, the whole model's."""
+    from nasc.backends.profile import in_blocked_layout
+
+    shapes = [*shapes, (1, block, 1, 1)]
+    f32 = helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))
+    g = helper.make_graph([helper.make_node("Relu", [f"x{k}"], [f"y{k}"]) for k in range(len(shapes))], "crossing",
+                          [helper.make_tensor_value_info(f"x{k}", f32, list(s)) for k, s in enumerate(shapes)],
+                          [helper.make_tensor_value_info(f"y{k}", f32, list(s)) for k, s in enumerate(shapes)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return in_blocked_layout(m, outputs=True)
+
+
+def measure_crossings(a: Analysis, target, tensors: list[str], block: int) -> list[dict]:
+    """The layout transforms a half runs for each tensor it receives (to NCHW{block}c) or sends
+    (to NCHW): [{tensor, to_blocked, ms}], for the tensors whose channels `block` divides (one
+    the block does not divide is padded first; the predictor prices that). A half's entry
+    transform is a kernel the whole model never runs: ShuffleNetV2's tail at cut 8 moved its
+    98 KB input in 0.0094 ms, which the transforms around the suite's kernels priced at 0.0047.
+
+    Each transform of `crossing_model` is called on its own, back to back on the same buffers,
+    as a half that runs request after request finds its input in cache: timed in place, after
+    the other shapes' transforms, Inception's tail at cut 118 read its 98 KB max-pool output
+    into the block in 0.0105 ms, where the tail compiled alone takes 0.0060. A shape no
+    transform call moves (a 1x1 map, whose blocked layout is its plain one) costs 0."""
+    import tvm
+    from tvm import relax
+
+    from nasc.backends import tvm as tvm_backend
+    from nasc.compile import sample_inputs
+
+    shapes = list(dict.fromkeys(tuple(a.specs[t].shape) for t in tensors if a.specs[t].shape[1] % block == 0))
+    if not shapes:
+        return []
+    model = crossing_model(shapes, block)
+    dev = tvm_backend.tvm_device(target.device)
+    vm = relax.VirtualMachine(tvm_backend.compile_model(model, target, where="crossing transforms"), dev)
+    args = [tvm.runtime.tensor(x, dev) for x in sample_inputs(model, 1)[0].values()]
+    transforms = []
+
+    def record(func, symbol, before, _ret, *cargs):
+        if before and TRANSFORM in symbol:
+            transforms.append((func, cargs))
+        return 0
+
+    vm.set_instrument(record)
+    vm["main"](*args)
+    vm.set_instrument(None)
+    index = {s: k for k, s in enumerate(shapes)}
+    sync, bias = _sync(target, dev), _call_bias_s(target)
+    timed: dict[tuple[int, bool], float] = {}
+    for call in transforms:
+        out = tuple(int(d) for d in call[1][-1].shape)
+        plain = (out[0], out[1] * out[4], *out[2:4]) if len(out) == 5 else out
+        if plain in index:
+            timed[index[plain], len(out) == 5] = max(_direct_s([call], sync) - bias, 0.0) * 1e3
+    # a shape moved by no transform call of its own costs nothing: a 1x1 map's NCHW{c}c is its NCHW
+    return [{"tensor": t, "to_blocked": to_blocked, "ms": float(timed.get((index[s], to_blocked), 0.0))}
+            for t in tensors if (s := tuple(a.specs[t].shape)) in index for to_blocked in (True, False)]
+
+
+def time_own_layouts(a: Analysis, target, halves: np.ndarray, database=None,
+                     log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """{half_key: ms} of each half in `halves` whose convs the CPU pipeline runs in another block
+    than the whole model's (`cpu_schedules.compiled_conv_block`; none, for a conv-free half),
+    compiled and timed on its own, VM call cost included: the whole model runs none of its
+    kernels. ShuffleNetV2's head at cut 15 pads its 3 -> 24 stem to 32 channels in block 16 and
+    runs it in 0.040 ms, the whole model in block 8 in 0.050; ResNet-18's tail inside the last
+    residual add holds no conv, runs plain, and its add takes 0.024 ms, blocked nearly 0."""
+    from nasc.backends import tvm as tvm_backend
+    from nasc.backends.cpu_schedules import compiled_conv_block
+    from nasc.backends.profile import channel_block
+    from nasc.passes import extract_half
+
+    lanes = channel_block(target)
+    if not lanes:
+        return {}
+    whole = compiled_conv_block(a.model, lanes)
+    out: dict[str, float] = {}
+    for mask in np.asarray(halves, bool):
+        key = half_key(mask)
+        if key in out or mask.all() or not mask.any():
+            continue
+        half = extract_half(a, mask)
+        if compiled_conv_block(half, lanes) != whole:
+            if log:
+                log(f"timing a {len(half.graph.node)}-node half in a block of its own")
+            out[key] = tvm_backend.time_model_ms(half, target, database=database)
+    return out
+
+
 def call_scale(whole_ms: float, calls_ms: float) -> float:
     """The factor that makes calls summing to `calls_ms` add up to a whole run of `whole_ms`
     (call overhead excluded), never more than MAX_SCALE either way."""
@@ -331,8 +441,12 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     call, taken separately, sums to less than the fastest whole run, so every call is scaled to
     make them agree (VM dispatch between calls is spread the same way; on a GPU, where the whole
     run hides launches behind kernels, or after calls a busy host slowed, the sum scales down).
-    With `halves` ((H, nodes) bool masks, the heads and tails of cuts), also `halves`: each one's
-    calls replayed alone, as a ratio to their time in place (`replay_halves`).
+    `block` is the NCHW{c}c block its blocked kernels ran in (None: none did). With `halves`
+    ((H, nodes) bool masks, the heads and tails of cuts), also `halves`: each one's calls
+    replayed alone, as a ratio to their time in place (`replay_halves`); and, in a blocked
+    model, `crossing`: the transforms a half runs for the tensors it receives and sends
+    (`measure_crossings`); and `own_layouts`: the halves whose convs run in another block than
+    the whole model's, each timed on its own, call cost excluded (`time_own_layouts`).
     """
     import tvm
     from tvm import relax
@@ -355,6 +469,7 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     live = {t.data_ptr(): name for t, name in zip(args, feeds)}    # buffer -> tensor it holds now
     blocked_ptr: set[int] = set()
     calls: list[dict] = []
+    blocks_written: list[int] = []   # the block of each blocked ONNX tensor a call wrote
     replayable: list[tuple] = []   # (kernel, arguments) of each call: a half's are called alone (replay_halves)
 
     def attribute(func, symbol, before, _ret, *cargs):
@@ -369,6 +484,8 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
         out = tensors[-1]
         name = index.match(out.numpy())
         calls[-1].update(tensor=name, blocked=len(out.shape) == 5)
+        if name is not None and len(out.shape) == 5:
+            blocks_written.append(int(out.shape[-1]))
         if name is not None:
             live[out.data_ptr()] = name
             (blocked_ptr.add if len(out.shape) == 5 else blocked_ptr.discard)(out.data_ptr())
@@ -396,6 +513,13 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
         owner = _call_owners(a, calls)
         replayed = replay_halves(replayable, owner, call_nodes(a, calls, owner), best, halves, _call_bias_s(target),
                                  sync=sync)
+    # the model's NCHW{c}c block (None: it ran plain), and the transforms of what its halves exchange
+    block = max(set(blocks_written), key=blocks_written.count) if blocks_written else None
+    crossing, own = [], {}
+    if halves is not None and len(halves) and block:
+        crossing = measure_crossings(a, target, crossing_tensors(a, np.asarray(halves, bool)), block)
+    if halves is not None and len(halves):
+        own = {k: max(ms - call_ms, 0.0) for k, ms in time_own_layouts(a, target, halves, database, log).items()}
 
     raw = best * 1e3
     # Calls are scaled to the whole run. Normally they sum to less (dispatch between them); on a
@@ -418,4 +542,5 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     # a Winograd conv's first stages compute no ONNX tensor: their time goes with the conv's output
     unmatched = [c["symbol"] for c in calls if c["tensor"] is None and not winograd.is_stage(c["symbol"])]
     return {"format": CONTEXT_FORMAT, "model": model_key(a.model), "whole_ms": whole_ms, "call_ms": call_ms,
-            "scale": scale, "kernels": kernels, "transforms": transforms, "unmatched": unmatched, "halves": replayed}
+            "scale": scale, "kernels": kernels, "transforms": transforms, "unmatched": unmatched, "halves": replayed,
+            "block": block, "crossing": crossing, "own_layouts": own}

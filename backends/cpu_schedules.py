@@ -189,6 +189,18 @@ def conv_runs(model: ModelProto, channel_block: int | None) -> dict[str, tuple[i
             for n in w.nodes if n.op_type == "Conv" for conv in [conv_channels(w, n)]}
 
 
+def compiled_conv_block(model: ModelProto, channel_block: int | None) -> int | None:
+    """The NCHW{c}c block the CPU pipeline runs `model`'s convs in once `pad_for_cpu` has widened
+    them (None: plain layout) on a CPU with vectors of `channel_block` lanes. A half of a model in
+    the whole's block runs its kernels as the whole does; one in another runs others (a head of
+    ShuffleNetV2's first convs takes block 16 where the whole takes 8, a conv-free tail none)."""
+    from nasc.partitioner.analysis import analyze
+
+    if not channel_block:
+        return None
+    return model_conv_block(analyze(pad_for_cpu(model, channel_block)[0]), channel_block)
+
+
 def pad_for_cpu(model: ModelProto, channel_block: int) -> tuple[ModelProto, int | None]:
     """The ONNX graph the CPU pipeline compiles for a vector of `channel_block` float32 lanes:
     `model` with its conv channels padded to `padding_block` (unchanged when that is None), and the block."""

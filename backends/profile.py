@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from nasc.search.predictor import KernelPredictor
 
 # /2: kernels are timed in place (their own calls only), layout transforms and call costs apart
-PROFILE_FORMAT = "nasc-kernel-profile/2"
+PROFILE_FORMAT = "nasc-kernel-profile/3"
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def planned_layouts(a: Analysis, groups: list[KernelGroup], target) -> list[tupl
         return [(set(), False) for _ in groups]
     from nasc.search.latency import planned_record
 
-    plan = planned_record(a, groups, np.zeros(len(groups)), channel_block(target), lambda nbytes: 0.0)
+    plan = planned_record(a, groups, np.zeros(len(groups)), channel_block(target), lambda _nbytes, _to_blocked: 0.0)
     return [({x for x, b in k["reads"] if b}, bool(k["blocked"])) for k in plan["kernels"]]
 
 
@@ -158,13 +158,22 @@ LAYOUT_PREFIX = "layout:"
 SPECIAL_KEYS = (CALL_KEY,)
 
 
-def layout_key(nbytes: int) -> str:
-    return f"{LAYOUT_PREFIX}{int(nbytes)}"
+def layout_key(nbytes: int, to_blocked: bool) -> str:
+    return f"{LAYOUT_PREFIX}{'blocked' if to_blocked else 'plain'}:{int(nbytes)}"
 
 
-def layout_features(nbytes: float) -> dict:
-    """Predictor features of a layout transform moving `nbytes` (class `layout`: bytes and a fixed cost)."""
-    return {"class": "layout", "flops": 0.0, "in_bytes": float(nbytes), "out_bytes": float(nbytes), "weight_bytes": 0.0,
+def layout_sample(key: str) -> tuple[int, bool]:
+    """(bytes, to blocked) of a `layout_key`."""
+    to, nbytes = key[len(LAYOUT_PREFIX):].split(":")
+    return int(nbytes), to == "blocked"
+
+
+def layout_features(nbytes: float, to_blocked: bool) -> dict:
+    """Predictor features of a layout transform moving `nbytes` into NCHW{c}c (`to_blocked`) or
+    out of it (a class for each direction: bytes and a fixed cost)."""
+    from nasc.search.predictor import LAYOUT_CLASSES
+
+    return {"class": LAYOUT_CLASSES[0 if to_blocked else 1], "flops": 0.0, "in_bytes": float(nbytes), "out_bytes": float(nbytes), "weight_bytes": 0.0,
             "out_channels": 1.0, "in_channels_per_group": 1.0, "out_pixels": 1.0, "window": 1.0, "stride": 1.0,
             "ops": 1.0, "plain_layout": 0.0, "padding": 1.0, "block_cost": 1.0}
 
@@ -243,7 +252,7 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
         times[sig] = float(sum(c["ms"] for c in doc["kernels"]))
         for t in doc["transforms"]:
             if t["tensor"] in ga.specs:
-                times.setdefault(layout_key(ga.specs[t["tensor"]].nbytes), t["ms"])
+                times.setdefault(layout_key(ga.specs[t["tensor"]].nbytes, t["to_blocked"]), t["ms"])
     return times
 
 
@@ -443,7 +452,7 @@ def fit_profile_predictor(kernels: dict[str, float], features: dict[str, dict]):
     layouts = [s for s in kernels if s.startswith(LAYOUT_PREFIX)]
     if len(sigs) < 2:
         return None
-    feats = [features[s] for s in sigs] + [layout_features(float(s[len(LAYOUT_PREFIX):])) for s in layouts]
+    feats = [features[s] for s in sigs] + [layout_features(*layout_sample(s)) for s in layouts]
     return fit_predictor(feats, [kernels[s] for s in sigs + layouts])
 
 

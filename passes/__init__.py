@@ -7,7 +7,7 @@ from nasc.passes.dce import eliminate_dead_nodes
 from nasc.passes.fold import fold_batchnorm, fold_constants
 from nasc.passes.pad_channels import channel_layouts, pad_channels
 from nasc.passes.quantize import QuantParams, dequantize_tail, quant_params, quantize_head
-from nasc.passes.split import extract_head, extract_tail, split_model
+from nasc.passes.split import extract_half, extract_head, extract_tail, split_model
 
 PREPARE = [
     ("fold-constants", fold_constants),
@@ -26,7 +26,7 @@ def prepare(model, log=None):
 
 
 __all__ = [
-    "PREPARE", "QuantParams", "channel_layouts", "dequantize_tail", "eliminate_dead_nodes", "extract_head",
+    "PREPARE", "QuantParams", "channel_layouts", "dequantize_tail", "eliminate_dead_nodes", "extract_half", "extract_head",
     "extract_tail", "fold_batchnorm", "fold_constants", "pad_channels", "prepare", "quant_params", "quantize_head",
     "split_model",
 ]

@@ -23,7 +23,8 @@ def value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(spec.name, helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), list(spec.shape))
 
 
-def _half(a: Analysis, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str], role: str, cut: Cut) -> ModelProto:
+def _half(a: Analysis, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str], role: str,
+          sent: tuple[str, ...]) -> ModelProto:
     src = a.model
     reads = {x for n in nodes for x in node_inputs(n)}
     inits = [t for t in src.graph.initializer if t.name in reads]
@@ -44,7 +45,7 @@ def _half(a: Analysis, nodes: list[onnx.NodeProto], inputs: list[str], outputs: 
         setattr(m, field, getattr(src, field))
     m.metadata_props.extend(src.metadata_props)
     set_metadata(m, "nasc.half", role)
-    set_metadata(m, "nasc.cut", ",".join(cut.tensors))
+    set_metadata(m, "nasc.cut", ",".join(sent))
     return checked(m)
 
 
@@ -70,7 +71,7 @@ def extract_head(a: Analysis, cut: Cut) -> ModelProto | None:
     outs = head_outputs(a, cut)
     # Graph inputs the tail needs pass through the head unchanged (they are head outputs too).
     inputs = [x for x in a.inputs if x in reads or x in outs]
-    return _half(a, nodes, inputs, outs, "head", cut)
+    return _half(a, nodes, inputs, outs, "head", cut.tensors)
 
 
 def extract_tail(a: Analysis, cut: Cut) -> ModelProto | None:
@@ -79,7 +80,26 @@ def extract_tail(a: Analysis, cut: Cut) -> ModelProto | None:
     nodes = [n for n in a.nodes if n.name not in head]
     if not nodes:
         return None
-    return _half(a, nodes, list(cut.tensors), tail_outputs(a, cut), "tail", cut)
+    return _half(a, nodes, list(cut.tensors), tail_outputs(a, cut), "tail", cut.tensors)
+
+
+def extract_half(a: Analysis, mask: np.ndarray) -> ModelProto | None:
+    """The nodes `mask` selects (a cut's head or tail, as partitioner.cuts.half_masks gives them) as
+    a standalone model, None if it selects none: it reads the graph inputs and the tensors made
+    outside it that its nodes read, and returns what it makes for nodes outside it or for the
+    graph, in execution order. A head reads only graph inputs; anything else is a tail."""
+    mask = np.asarray(mask, bool)
+    nodes = [n for n, here in zip(a.nodes, mask) if here]
+    if not nodes:
+        return None
+    made = {o for n in nodes for o in n.output}
+    reads = list(dict.fromkeys(x for n in nodes for x in node_inputs(n) if x in a.specs and x not in made))
+    inputs = [x for x in a.inputs if x in reads] + [x for x in reads if x not in a.inputs]
+    outside = {x for n, here in zip(a.nodes, mask) if not here for x in node_inputs(n)}
+    outputs = [o for n in nodes for o in n.output if o in a.specs and (o in outside or o in a.outputs)]
+    role = "head" if set(inputs) <= set(a.inputs) else "tail"
+    sent = tuple(o for o in outputs if o in outside) if role == "head" else tuple(x for x in inputs if x not in a.inputs)
+    return _half(a, nodes, inputs, outputs, role, sent)
 
 
 def split_model(a: Analysis, cut: Cut) -> tuple[ModelProto | None, ModelProto | None]:

@@ -255,13 +255,14 @@ class MeasuredLatencyModel:
         return ContextTimes(doc, a, derived["groups"], self._layout_ms(side))
 
     def _layout_ms(self, side: str):
-        """Milliseconds of a layout transform moving n bytes, from the profile's predictor (None without one)."""
+        """Milliseconds of a layout transform moving n bytes into NCHW{c}c or out of it
+        (`layout_ms(nbytes, to_blocked)`), from the profile's predictor (None without one)."""
         prof = self.profiles[side]
         if prof.predictor is None:
             return None
         from nasc.backends.profile import layout_features
 
-        return lambda nbytes: float(prof.predictor.predict_ms([layout_features(nbytes)])[0])
+        return lambda nbytes, to_blocked: float(prof.predictor.predict_ms([layout_features(nbytes, to_blocked)])[0])
 
     def _kernel_sum_ms(self, a: Analysis, masks: np.ndarray, side: str) -> np.ndarray:
         """Halves composed like measured ones (ContextTimes) from a planned record of the kernels."""
@@ -294,7 +295,8 @@ class MeasuredLatencyModel:
 def planned_record(a: Analysis, groups, kernel_ms: np.ndarray, channel_block: int | None, layout_ms) -> dict:
     """The record backends/context.py would measure, planned instead: each kernel at its predicted
     time, layouts as the CPU layout pass chooses them (backends.cpu_schedules.runs_blocked), a
-    transform wherever a kernel reads a tensor in the other layout, priced by `layout_ms(bytes)`."""
+    transform wherever a kernel reads a tensor in the other layout, priced by
+    `layout_ms(bytes, to_blocked)`."""
     from nasc.backends.cpu_schedules import conv_channels, model_conv_block, pad_for_cpu, runs_blocked, writes_blocked
     from nasc.partitioner.analysis import analyze
     from nasc.partitioner.load import node_inputs
@@ -319,12 +321,12 @@ def planned_record(a: Analysis, groups, kernel_ms: np.ndarray, channel_block: in
                               and writes_blocked(model_block, (cin, cout, group)))
         for x in ins:
             if blocked.get(x, False) != want:
-                transforms.append({"tensor": x, "ms": layout_ms(a.specs[x].nbytes), "to_blocked": want, "reader": out})
+                transforms.append({"tensor": x, "ms": layout_ms(a.specs[x].nbytes, want), "to_blocked": want, "reader": out})
         kernels.append({"tensor": out, "ms": float(ms), "blocked": writes, "reads": [[x, want] for x in ins]})
         blocked.update({o: writes for o in produced})
     for o in a.outputs:
         if blocked.get(o, False):
-            transforms.append({"tensor": o, "ms": layout_ms(a.specs[o].nbytes), "to_blocked": False, "reader": None})
+            transforms.append({"tensor": o, "ms": layout_ms(a.specs[o].nbytes, False), "to_blocked": False, "reader": None})
     return {"kernels": kernels, "transforms": transforms}
 
 
@@ -336,10 +338,13 @@ class ContextTimes:
     blocked tensor it sends. A fused kernel a cut breaks is priced as the two kernels each
     half then runs (by `parts_ms`, the profile's kernels or predictor); if it ran blocked, a
     tensor the cut sends from inside it costs a transform on each side. A transform the record
-    did not time is priced by `layout_ms(bytes)` (the profile's predictor), else at the record's
+    did not time (a tensor in that direction, in the whole model or in its `crossing` model) is
+    priced by `layout_ms(bytes, to_blocked)` (the profile's predictor), else at the record's
     median rate: a model run blocked end to end times none, and its cut tensors are not free.
     A half the record also replayed alone has its timed kernels and transforms scaled by how
     much faster they ran there (backends.context.replay_halves), never up (MAX_REPLAY_RATIO).
+    A half whose convs the CPU pipeline runs in another block than the whole model's (or plain)
+    costs its own time, compiled and timed apart (`own_layouts`).
     """
 
     def __init__(self, doc: dict, a: Analysis, groups=None, layout_ms=None):
@@ -367,12 +372,18 @@ class ContextTimes:
                             t["to_blocked"]) for t in doc["transforms"] if t["tensor"] is not None]
         rates = [ms / a.specs[t].nbytes for t, _, ms, _ in self.transforms if t in a.specs and a.specs[t].nbytes]
         self.rate_ms_per_byte = float(np.median(rates)) if rates else 0.0
-        self.measured_transform = {}
-        for t, _, ms, _ in self.transforms:
-            self.measured_transform[t] = min(ms, self.measured_transform.get(t, np.inf))
+        self.measured_transform: dict[tuple[str, bool], float] = {}   # (tensor, to blocked) -> ms
+        for t, _, ms, to_blocked in self.transforms:
+            self.measured_transform[t, to_blocked] = min(ms, self.measured_transform.get((t, to_blocked), np.inf))
+        # the transforms of the tensors a half receives or sends, timed apart (backends.context.measure_crossings)
+        for x in doc.get("crossing", []):
+            self.measured_transform.setdefault((x["tensor"], bool(x["to_blocked"])), float(x["ms"]))
         # a half replayed alone (backends.context.replay_halves): its timed calls, scaled by how much
         # faster they ran there than in the whole model
         self.replayed: dict[str, float] = doc.get("halves", {})
+        # a half whose convs run in another block than the whole model's, compiled and timed on its
+        # own (its kernels are not the whole model's; backends.context.time_own_layouts)
+        self.own_layouts: dict[str, float] = doc.get("own_layouts", {})
         self.units = self._units(doc)
         self.unit_of = {i: u for u, groups in enumerate(self.units) for g in groups for i in self.groups[g].nodes}
         # units that ran in NCHW{c}c: a tensor inside one that a cut sends is blocked too
@@ -386,11 +397,11 @@ class ContextTimes:
 
         return fused_units(self.a, self.groups, {k["tensor"] for k in doc["kernels"]})
 
-    def _transform_ms(self, t: str) -> float:
-        if t in self.measured_transform:
-            return self.measured_transform[t]
+    def _transform_ms(self, t: str, to_blocked: bool) -> float:
+        if (t, to_blocked) in self.measured_transform:
+            return self.measured_transform[t, to_blocked]
         nbytes = self.a.specs[t].nbytes
-        return self.layout_ms(nbytes) if self.layout_ms is not None else self.rate_ms_per_byte * nbytes
+        return self.layout_ms(nbytes, to_blocked) if self.layout_ms is not None else self.rate_ms_per_byte * nbytes
 
     def _made(self, here: np.ndarray, t: str) -> bool:
         return t in self.a.producer and bool(here[self.a.producer[t]])
@@ -403,6 +414,9 @@ class ContextTimes:
         out = np.zeros(len(masks))
         unit_nodes = [[i for g in u for i in self.groups[g].nodes] for u in self.units]
         for row, here in enumerate(masks.astype(bool)):
+            if self.own_layouts and (own := self.own_layouts.get(half_key(here))) is not None:
+                out[row] = own
+                continue
             broken = {u for u, nodes in enumerate(unit_nodes) if 0 < here[nodes].sum() < len(nodes)}
             timed = 0.0
             for n, ms in self.kernels:
@@ -428,8 +442,8 @@ class ContextTimes:
                     for t in a.nodes[i].output:
                         if t in a.specs and any(here[c] != here[i] for c in a.consumers.get(t, [])):
                             (sent if here[i] else received).add(t)
-            for t in received | sent:
-                total += self._transform_ms(t)
+            total += sum(self._transform_ms(t, True) for t in received)   # a received tensor enters blocked
+            total += sum(self._transform_ms(t, False) for t in sent)
             out[row] = total
         return out
 

@@ -6,9 +6,9 @@ import pytest
 from conftest import prepared
 from nasc import defaults
 from nasc.backends.cpu_rules import winograd
-from nasc.backends.context import (MAX_SCALE, _call_owners, _direct_pair_s, _direct_s, _kernel_calls, call_nodes, half_calls,
-                                   half_key, measure_in_context, model_key)
-from nasc.backends.profile import KernelProfile, kernel_groups
+from nasc.backends.context import (MAX_SCALE, _call_owners, _direct_pair_s, _direct_s, _kernel_calls, call_nodes,
+                                   crossing_tensors, half_calls, half_key, measure_in_context, model_key)
+from nasc.backends.profile import KernelProfile, kernel_groups, prepared_analysis
 from nasc.backends.targets import resolve_target
 from nasc.partitioner.cuts import half_masks
 from nasc.search.latency import (DEVICE, MEASURED_IN_CONTEXT, AnalyticLatencyModel, ContextTimes,
@@ -94,19 +94,42 @@ def test_blocked_tensors_crossing_a_cut_cost_a_transform_each_side():
 def test_a_record_without_transforms_prices_cut_tensors_by_the_layout_model():
     """A whole model that runs blocked from input to output (a blocked stem, a blocked classifier)
     times no transform: its record gives no rate, yet the head pays one for its input (read
-    blocked here) and for each tensor it sends."""
+    blocked here, a transform into the block) and for each tensor it sends (out of it), and the
+    tail for each tensor it receives (into the block)."""
     _, a, cuts = prepared("tiny")
     doc = _doc(a, True)
     doc["transforms"] = []
     no_parts = lambda parts: np.zeros(len(parts))  # noqa: E731
-    layout_ms = lambda nbytes: 1e-6 * nbytes  # noqa: E731
+    layout_ms = lambda nbytes, to_blocked: (2e-6 if to_blocked else 1e-6) * nbytes  # noqa: E731
     free, priced = ContextTimes(doc, a), ContextTimes(doc, a, layout_ms=layout_ms)
     assert free.rate_ms_per_byte == 0.0
     outputs = {a.nodes[g.nodes[-1]].output[0] for g in kernel_groups(a)}
     cut = next(c for c in cuts if c.kind == "split" and set(c.tensors) <= outputs)
-    head = cut.head_mask[None, :]
-    moved = sum(layout_ms(a.specs[t].nbytes) for t in [a.inputs[0], *cut.tensors])
+    head, tail = cut.head_mask[None, :], ~cut.head_mask[None, :]
+    moved = layout_ms(a.specs[a.inputs[0]].nbytes, True) + sum(layout_ms(a.specs[t].nbytes, False) for t in cut.tensors)
     assert priced.half_ms(head, no_parts)[0] == pytest.approx(free.half_ms(head, no_parts)[0] + moved)
+    received = sum(layout_ms(a.specs[t].nbytes, True) for t in cut.tensors)
+    assert priced.half_ms(tail, no_parts)[0] == pytest.approx(free.half_ms(tail, no_parts)[0] + received)
+
+
+def test_a_crossing_transform_timed_apart_prices_that_tensor_in_that_direction():
+    """A record's `crossing` times (the transforms a half runs for the tensors it receives and
+    sends, backends.context.measure_crossings) replace the layout model's for those tensors."""
+    _, a, cuts = prepared("tiny")
+    doc = _doc(a, True)
+    doc["transforms"] = []
+    no_parts = lambda parts: np.zeros(len(parts))  # noqa: E731
+    layout_ms = lambda nbytes, to_blocked: 1e-6 * nbytes  # noqa: E731
+    outputs = {a.nodes[g.nodes[-1]].output[0] for g in kernel_groups(a)}
+    cut = next(c for c in cuts if c.kind == "split" and set(c.tensors) <= outputs)
+    crossing = [{"tensor": t, "to_blocked": True, "ms": 0.5} for t in cut.tensors]
+    before = ContextTimes(doc, a, layout_ms=layout_ms)
+    after = ContextTimes({**doc, "crossing": crossing}, a, layout_ms=layout_ms)
+    tail, head = ~cut.head_mask[None, :], cut.head_mask[None, :]
+    into = sum(layout_ms(a.specs[t].nbytes, True) for t in cut.tensors)
+    assert after.half_ms(tail, no_parts)[0] == pytest.approx(before.half_ms(tail, no_parts)[0] - into + 0.5 * len(cut.tensors))
+    # the head sends them out of the block: a transform the crossing times leave to the layout model
+    assert after.half_ms(head, no_parts)[0] == pytest.approx(before.half_ms(head, no_parts)[0])
 
 
 def test_a_profile_with_the_models_context_prices_it_in_place():
@@ -138,9 +161,9 @@ def test_planned_record_follows_the_cpu_layout_pass():
     _, a, _ = prepared("resnet8")
     groups = kernel_groups(a)
     ms = np.ones(len(groups))
-    plain = planned_record(a, groups, ms, None, lambda nbytes: 1.0)
+    plain = planned_record(a, groups, ms, None, lambda nbytes, to_blocked: 1.0)
     assert plain["transforms"] == [] and not any(k["blocked"] for k in plain["kernels"])
-    planned = planned_record(a, groups, ms, 8, lambda nbytes: nbytes * 1e-6)
+    planned = planned_record(a, groups, ms, 8, lambda nbytes, to_blocked: nbytes * (2e-6 if to_blocked else 1e-6))
     by_tensor = {k["tensor"]: k for k in planned["kernels"]}
     first = planned["kernels"][0]
     assert not any(blocked for _, blocked in first["reads"]), "3 input channels do not fill a block of 8"
@@ -150,7 +173,8 @@ def test_planned_record_follows_the_cpu_layout_pass():
     for t in planned["transforms"]:
         if t["reader"] is not None:
             assert t["to_blocked"] == dict(map(tuple, by_tensor[t["reader"]]["reads"]))[t["tensor"]]
-            assert t["ms"] == pytest.approx(a.specs[t["tensor"]].nbytes * 1e-6)
+        # each priced in its direction
+        assert t["ms"] == pytest.approx(a.specs[t["tensor"]].nbytes * (2e-6 if t["to_blocked"] else 1e-6))
     # neither the image nor the stem's output is transformed: the stem reads one, writes the other
     assert not any(t["tensor"] in (a.inputs[0], first["tensor"]) for t in planned["transforms"])
 
@@ -171,6 +195,59 @@ def test_every_cut_half_is_replayed_alone_in_the_compiled_model():
     # the whole model replayed runs every call, as in place: the same time up to this host's noise
     whole = half_key(np.ones(len(a.nodes), bool))
     assert 0.5 < doc["halves"][whole] < 2.0
+
+
+def test_every_tensor_a_half_receives_or_sends_is_timed_through_its_own_transforms():
+    """A tail moves each tensor it receives into the whole model's NCHW{c}c block and a head each
+    one it sends out of it: kernels the whole model never runs, timed apart in `crossing`."""
+    _, a, cuts = prepared("resnet8")
+    masks = half_masks(cuts)
+    tensors = crossing_tensors(a, masks)
+    sent = {t for c in cuts if c.kind == "split" for t in c.tensors if len(a.specs[t].shape) == 4}
+    assert sent and sent <= set(tensors) and set(tensors) <= sent | set(a.inputs)
+    doc = measure_in_context(a, resolve_target("llvm"), halves=masks)
+    block = doc["block"]
+    assert block and all(k["tensor"] is None or len(a.specs[k["tensor"]].shape) != 4 or not k["blocked"]
+                         or a.specs[k["tensor"]].shape[1] % block == 0 for k in doc["kernels"])
+    timed = {(x["tensor"], x["to_blocked"]): x["ms"] for x in doc["crossing"]}
+    divisible = [t for t in tensors if a.specs[t].shape[1] % block == 0]
+    assert divisible and set(timed) == {(t, d) for t in divisible for d in (True, False)}
+    # a 1x1 map is blocked as it is (a reshape, no kernel); any larger one moves through a transform
+    assert all(ms > 0 for (t, _), ms in timed.items() if np.prod(a.specs[t].shape[2:]) > 1)
+    assert all(ms == 0 for (t, _), ms in timed.items() if np.prod(a.specs[t].shape[2:]) == 1)
+    # tensors of one shape share one measurement
+    for t in divisible:
+        for u in divisible:
+            if a.specs[t].shape == a.specs[u].shape:
+                assert timed[t, True] == timed[u, True] and timed[t, False] == timed[u, False]
+
+
+def test_a_half_whose_convs_run_in_another_block_is_timed_on_its_own():
+    """A half the CPU pipeline blocks otherwise than the whole model (here a head of the 3-channel
+    stem alone, and the conv-free tails after the last conv: both plain) runs kernels the whole
+    model never ran: it is compiled and timed on its own, and priced at that time. Compiled
+    alone, it runs in the block `compiled_conv_block` plans for it."""
+    from nasc.backends.cpu_schedules import compiled_conv_block
+    from nasc.backends.profile import channel_block
+    from nasc.passes import extract_half
+
+    _, a, cuts = prepared("resnet8")
+    target = resolve_target("llvm")
+    masks = half_masks(cuts)
+    doc = measure_in_context(a, target, halves=masks)
+    lanes = channel_block(target)
+    assert doc["block"] == compiled_conv_block(a.model, lanes) == lanes
+    other = {half_key(m) for m in masks if not m.all() and compiled_conv_block(extract_half(a, m), lanes) != lanes}
+    assert other and set(doc["own_layouts"]) == other and all(ms > 0 for ms in doc["own_layouts"].values())
+    ctx = ContextTimes(doc, a)
+    no_parts = lambda parts: np.zeros(len(parts))  # noqa: E731
+    for m in masks:
+        if half_key(m) in other:
+            assert ctx.half_ms(m[None, :], no_parts)[0] == doc["own_layouts"][half_key(m)]
+    # compiled alone, each runs in the block planned for it
+    for m in masks[[half_key(m) in other for m in masks]][[0, -1]]:
+        half = extract_half(a, m)
+        assert measure_in_context(prepared_analysis(half), target)["block"] == compiled_conv_block(half, lanes) != lanes
 
 
 def test_a_half_replays_exactly_the_kernels_its_record_times():
@@ -255,7 +332,7 @@ def test_a_cut_through_a_blocked_kernel_moves_its_tensor_through_a_transform_eac
     conv whose Clip the tail runs wrote 2.4 MB through one)."""
     _, a, cuts = prepared("tiny")
     groups = kernel_groups(a)
-    layout_ms = lambda nbytes: 1e-6 * nbytes  # noqa: E731
+    layout_ms = lambda nbytes, to_blocked: (2e-6 if to_blocked else 1e-6) * nbytes  # noqa: E731
     no_parts = lambda parts: np.zeros(len(parts))  # noqa: E731
     doc = _doc(a, True)
     checked = 0
@@ -269,8 +346,8 @@ def test_a_cut_through_a_blocked_kernel_moves_its_tensor_through_a_transform_eac
         crossing = [t for i in g.nodes for t in a.nodes[i].output if t in a.specs
                     and any(c.head_mask[r] != c.head_mask[i] for r in a.consumers.get(t, []))]
         assert crossing and out not in crossing
-        moved = sum(layout_ms(a.specs[t].nbytes) for t in crossing)
-        for mask in (c.head_mask, ~c.head_mask):
+        for mask, into_block in ((c.head_mask, False), (~c.head_mask, True)):   # out of the head, into the tail
+            moved = sum(layout_ms(a.specs[t].nbytes, into_block) for t in crossing)
             got = ContextTimes(doc, a, layout_ms=layout_ms).half_ms(mask[None, :], no_parts)[0]
             base = ContextTimes(plain, a, layout_ms=layout_ms).half_ms(mask[None, :], no_parts)[0]
             assert got == pytest.approx(base + moved)

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import prepared, random_feeds, run_pair, small_model
 from nasc.backends import ort
 from nasc.partitioner import SPLIT, load_model
-from nasc.passes import (dequantize_tail, eliminate_dead_nodes, fold_batchnorm, fold_constants, prepare, quant_params,
-                         quantize_head, split_model)
+from nasc.passes import (dequantize_tail, eliminate_dead_nodes, extract_half, fold_batchnorm, fold_constants, prepare,
+                         quant_params, quantize_head, split_model)
 from nasc.passes.util import get_metadata
 
 
@@ -84,6 +84,31 @@ def test_split_halves_are_standalone_and_named_after_the_cut():
     assert head.opset_import == original.opset_import and head.producer_name == original.producer_name
     # weights are split, not copied wholesale
     assert {t.name for t in head.graph.initializer}.isdisjoint({t.name for t in tail.graph.initializer})
+
+
+def test_a_half_extracted_by_its_node_mask_is_the_cuts_half():
+    """extract_half(mask) is the cut's head or tail: the same nodes, reading and returning the same
+    tensors, and the head computes the same cut tensors."""
+    original, a, cuts = prepared("inception")
+    feeds = random_feeds(original)
+    checked = 0
+    for c in cuts:
+        if c.kind != SPLIT:
+            continue
+        head, tail = split_model(a, c)
+        by_mask = extract_half(a, c.head_mask), extract_half(a, ~c.head_mask)
+        for half, same in zip(by_mask, (head, tail)):
+            onnx.checker.check_model(half, full_check=True)
+            assert [n.name for n in half.graph.node] == [n.name for n in same.graph.node]
+            assert {i.name for i in half.graph.input} == {i.name for i in same.graph.input}
+            assert {o.name for o in half.graph.output} == {o.name for o in same.graph.output}
+        assert get_metadata(by_mask[0], "nasc.half") == "head" and get_metadata(by_mask[1], "nasc.half") == "tail"
+        got, want = ort.run(by_mask[0], feeds), ort.run(head, feeds)
+        for t in c.tensors:
+            np.testing.assert_array_equal(got[t], want[t])
+        checked += 1
+    assert checked >= 10
+    assert extract_half(a, np.zeros(len(a.nodes), bool)) is None
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -10,7 +10,7 @@ from nasc import defaults
 from nasc.backends import ort
 from nasc.backends.context import measure_in_context
 from nasc.backends.profile import (CALL_KEY, LAYOUT_PREFIX, SUITE_MIX, calibration_suite, group_model, in_blocked_layout,
-                                   kernel_groups, measure_kernels, planned_layouts, prepared_analysis)
+                                   kernel_groups, layout_sample, measure_kernels, planned_layouts, prepared_analysis)
 from nasc.backends.targets import resolve_target
 from nasc.cli.profile import main as profile_main
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, predict
@@ -132,7 +132,10 @@ def test_profile_cli_calibrates_fits_and_checks_halves(tmp_path, capsys):
     doc = json.loads(prof.read_text())
     assert doc["source"] == "measured" and doc["target"]["name"] == "llvm" and CALL_KEY in doc["kernels"]
     layouts = [k for k in doc["kernels"] if k.startswith(LAYOUT_PREFIX)]  # transforms around the kernels
-    assert layouts and doc["predictor"]["samples"]["layout"] == len(layouts)
+    into = [k for k in layouts if layout_sample(k)[1]]
+    assert 0 < len(into) < len(layouts)   # both directions: into NCHW{c}c on the way in, out of it after
+    samples = doc["predictor"]["samples"]
+    assert (samples["layout_to_blocked"], samples["layout_to_plain"]) == (len(into), len(layouts) - len(into))
     assert sum(doc["predictor"]["samples"].values()) == len(doc["features"]) + len(layouts) and len(doc["features"]) >= 12
     assert profile_main(["example:tiny", "-o", str(prof), "--cuts", "2", "--json", "-q"]) == 0
     summary = json.loads(capsys.readouterr().out)
