@@ -506,19 +506,19 @@ def measure_in_context(a: Analysis, target, executable=None, database=None,
     bias_s = _instrument_bias_s(target)
     best = np.maximum(np.minimum(best, _timed_calls(vm, args, sync=sync)) - bias_s, 0.0)
     call_ms = call_overhead_ms(target)
-    replayed = {}
+    # the model's NCHW{c}c block (None: it ran plain)
+    block = max(set(blocks_written), key=blocks_written.count) if blocks_written else None
+    replayed, crossing, own = {}, [], {}
     if halves is not None and len(halves):
+        halves = np.asarray(halves, bool)
         if log:
             log(f"replaying {len(halves)} halves alone")
         owner = _call_owners(a, calls)
         replayed = replay_halves(replayable, owner, call_nodes(a, calls, owner), best, halves, _call_bias_s(target),
                                  sync=sync)
-    # the model's NCHW{c}c block (None: it ran plain), and the transforms of what its halves exchange
-    block = max(set(blocks_written), key=blocks_written.count) if blocks_written else None
-    crossing, own = [], {}
-    if halves is not None and len(halves) and block:
-        crossing = measure_crossings(a, target, crossing_tensors(a, np.asarray(halves, bool)), block)
-    if halves is not None and len(halves):
+        # the transforms of what the halves exchange, and the halves in a block of their own
+        if block:
+            crossing = measure_crossings(a, target, crossing_tensors(a, halves), block)
         own = {k: max(ms - call_ms, 0.0) for k, ms in time_own_layouts(a, target, halves, database, log).items()}
 
     raw = best * 1e3

@@ -173,9 +173,10 @@ def layout_features(nbytes: float, to_blocked: bool) -> dict:
     out of it (a class for each direction: bytes and a fixed cost)."""
     from nasc.search.predictor import LAYOUT_CLASSES
 
-    return {"class": LAYOUT_CLASSES[0 if to_blocked else 1], "flops": 0.0, "in_bytes": float(nbytes), "out_bytes": float(nbytes), "weight_bytes": 0.0,
-            "out_channels": 1.0, "in_channels_per_group": 1.0, "out_pixels": 1.0, "window": 1.0, "stride": 1.0,
-            "ops": 1.0, "plain_layout": 0.0, "padding": 1.0, "block_cost": 1.0}
+    return {"class": LAYOUT_CLASSES[0 if to_blocked else 1], "flops": 0.0, "in_bytes": float(nbytes),
+            "out_bytes": float(nbytes), "weight_bytes": 0.0, "out_channels": 1.0, "in_channels_per_group": 1.0,
+            "out_pixels": 1.0, "window": 1.0, "stride": 1.0, "ops": 1.0, "plain_layout": 0.0, "padding": 1.0,
+            "block_cost": 1.0}
 
 
 def trivial_model() -> ModelProto:
