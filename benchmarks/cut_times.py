@@ -1,7 +1,7 @@
 """Measured head and tail times of every cut of a model: both halves compiled with TVM and timed.
 
 The host CPU stands in for the device and for the server (no GPU here). Results are cached per
-model in results/cut_times/<model>.json, keyed by model, target, host CPU and threads, and
+model in results/cut_times/<model>-t<threads>-<cpu>.json, keyed by model, target, host CPU and threads, and
 written after each cut, so a rerun (say after Ctrl-C) measures only the cuts still missing.
 
     python benchmarks/cut_times.py [resnet18 mobilenetv2 ...] [--limit-cuts N] [--save-onnx DIR]
@@ -69,8 +69,11 @@ def build_model(name: str) -> ModelProto:
 
 
 def cache_file(name: str, cache_dir: Path = CACHE_DIR) -> Path:
-    """Where the times of a model at the current thread count live."""
-    return cache_dir / f"{name}-t{THREADS}.json"
+    """Where the times of a model at the current thread count on this host's CPU live: each host
+    keeps its own (a shared machine may come up on another CPU)."""
+    from nasc.backends.targets import host_cpu
+
+    return cache_dir / f"{name}-t{THREADS}-{host_cpu()}.json"
 
 
 def _sha256(model: ModelProto) -> str:
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="*", default=list(MODELS), help=f"models to measure (default: {' '.join(MODELS)})")
     ap.add_argument("--target", default="llvm", help="a target that runs here (default llvm)")
     ap.add_argument("--limit-cuts", type=int, metavar="N", help="measure only N cuts spread evenly (quick runs)")
-    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where <model>-t<threads>.json caches live")
+    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where <model>-t<threads>-<cpu>.json caches live")
     ap.add_argument("--save-onnx", type=Path, metavar="DIR", help="write the configured models to DIR/<model>.onnx and exit")
     args = ap.parse_args(argv)
     try:

@@ -166,3 +166,19 @@ def test_shares_of_the_whole_model_take_out_a_common_factor():
     assert exact["n"] == 2 and exact["mape_pct"] == pytest.approx(0.0) and exact["within_10pct"] == 1.0
     off = lm.share_errors([({**mode, "whole_predicted_ms": {"head": 4.0, "tail": 4.8}}, 4.0)])
     assert off["mape_pct"] == pytest.approx(10.0) and off["mean_signed_pct"] == pytest.approx(10.0)
+
+
+def test_sessions_keep_the_fastest_of_what_is_timed_apart():
+    """The latency benchmark keeps one session's in-place record, and each half timed on its own
+    and each crossing transform at the fastest of the sessions, as the cut times keep theirs."""
+    lm = _load("latency_model")
+    kept = {"kernels": [{"tensor": "y", "ms": 1.0}], "own_layouts": {"h1": 1.0, "h2": 2.0},
+            "crossing": [{"tensor": "x", "to_blocked": True, "ms": 0.5}, {"tensor": "x", "to_blocked": False, "ms": 0.3}]}
+    other = {"kernels": [{"tensor": "y", "ms": 0.5}], "own_layouts": {"h1": 0.8, "h2": 2.5},
+             "crossing": [{"tensor": "x", "to_blocked": True, "ms": 0.4}]}
+    merged = lm.fastest_apart(kept, other)
+    assert merged["kernels"] == kept["kernels"]
+    assert merged["own_layouts"] == {"h1": 0.8, "h2": 2.0}
+    assert merged["crossing"] == [{"tensor": "x", "to_blocked": True, "ms": 0.4},
+                                  {"tensor": "x", "to_blocked": False, "ms": 0.3}]
+    assert kept["own_layouts"] == {"h1": 1.0, "h2": 2.0}   # the session's record is not changed
