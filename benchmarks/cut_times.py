@@ -1,8 +1,9 @@
 """Measured head and tail times of every cut of a model: both halves compiled with TVM and timed.
 
 The host CPU stands in for the device and for the server (no GPU here). Results are cached per
-model in results/cut_times/<model>-t<threads>-<cpu>.json, keyed by model, target, host CPU and threads, and
-written after each cut, so a rerun (say after Ctrl-C) measures only the cuts still missing.
+model in results/cut_times/<model>-t<threads>-<cpu>.json, keyed by model, target, host CPU and
+threads, and written after each cut, so a rerun (say after Ctrl-C) measures only the cuts still
+missing.
 
     python benchmarks/cut_times.py [resnet18 mobilenetv2 ...] [--limit-cuts N] [--save-onnx DIR]
 """

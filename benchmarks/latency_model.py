@@ -69,11 +69,17 @@ def _faster_of_sessions(times: dict[str, float], cached: dict | None, field: str
     return {k: min(v, cached[field].get(k, v)) for k, v in times.items()}, cached.get("sessions", 1) + 1
 
 
+def profile_path(target, what: str) -> Path:
+    """Where this host's profile `what` (the suite's, a model's kernels or record) is cached: each
+    host CPU keeps its own, at this thread count."""
+    return PROFILES / f"{target.name}-t{THREADS}-{host_cpu()}-{what}.json"
+
+
 def suite_profile(target, size: int, sessions: int = 1) -> prof.KernelProfile:
     """The calibration-suite profile of this host, timed in one more session while the cached one
     has fewer than `sessions`, each kernel kept at the fastest: one session a neighbour slowed
     put every class of the suite 5-20% slow, and predicted mode with it."""
-    path = PROFILES / f"{target.name}-t{THREADS}-{host_cpu()}-suite{size}.json"
+    path = profile_path(target, f"suite{size}")
     cached = None
     if path.exists():
         doc = json.loads(path.read_text())
@@ -96,7 +102,7 @@ def model_kernels(name: str, a, target, sessions: int = 1) -> dict[str, float]:
     """The model's own kernels, each compiled and timed alone (cached beside the suite profile),
     timed in one more session while the cache has fewer than `sessions`, each kept at the fastest
     (see model_context)."""
-    path = PROFILES / f"{target.name}-t{THREADS}-{host_cpu()}-{name}-kernels.json"
+    path = profile_path(target, f"{name}-kernels")
     key = {"format": prof.PROFILE_FORMAT, "target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS,
            "pipeline": pipeline_fingerprint(), "kernels": sorted({g.signature for g in prof.kernel_groups(a)})}
     cached = None
@@ -119,7 +125,7 @@ def model_context(name: str, a, target, halves, sessions: int = 1) -> dict:
     sessions minutes apart is the repeatable figure."""
     from nasc.backends.context import CONTEXT_FORMAT, measure_in_context, model_key
 
-    path = PROFILES / f"{target.name}-t{THREADS}-{host_cpu()}-{name}-context.json"
+    path = profile_path(target, f"{name}-context")
     key = {"format": CONTEXT_FORMAT, "target": target.to_json(), "host_cpu": host_cpu(), "threads": THREADS, "pipeline": pipeline_fingerprint(),
            "model": model_key(a.model)}
     cached = None
@@ -132,7 +138,7 @@ def model_context(name: str, a, target, halves, sessions: int = 1) -> dict:
     doc = measure_in_context(a, target, log=_log, halves=halves)
     wholes = (cached or {}).get("sessions_whole_ms", []) + [doc["whole_ms"]]
     if cached is not None:
-        kept, other = (cached["context"], doc) if _calls_ms(cached["context"]) <= _calls_ms(doc) else (doc, cached["context"])
+        kept, other = sorted((cached["context"], doc), key=_calls_ms)
         doc = fastest_apart(kept, other)
     # the calls of the least disturbed session, scaled to the fastest whole run of any: DenseNet's
     # kept calls were once scaled by 1.4 to a whole run of 5.70 ms, where another session ran 4.52

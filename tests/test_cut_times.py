@@ -173,7 +173,8 @@ def test_sessions_keep_the_fastest_of_what_is_timed_apart():
     and each crossing transform at the fastest of the sessions, as the cut times keep theirs."""
     lm = _load("latency_model")
     kept = {"kernels": [{"tensor": "y", "ms": 1.0}], "own_layouts": {"h1": 1.0, "h2": 2.0},
-            "crossing": [{"tensor": "x", "to_blocked": True, "ms": 0.5}, {"tensor": "x", "to_blocked": False, "ms": 0.3}]}
+            "crossing": [{"tensor": "x", "to_blocked": True, "ms": 0.5},
+                         {"tensor": "x", "to_blocked": False, "ms": 0.3}]}
     other = {"kernels": [{"tensor": "y", "ms": 0.5}], "own_layouts": {"h1": 0.8, "h2": 2.5},
              "crossing": [{"tensor": "x", "to_blocked": True, "ms": 0.4}]}
     merged = lm.fastest_apart(kept, other)
