@@ -257,23 +257,30 @@ def measure_kernels(a: Analysis, target, known: dict[str, float] | None = None,
     return times
 
 
-def kernel_features(a: Analysis, channel_block: int | None = None) -> dict[str, dict]:
+def kernel_features(a: Analysis, channel_block: int | None = None, spec=None) -> dict[str, dict]:
     """{signature: features} of every kernel group (what the predictor is fitted on), its convs as a
-    CPU with vectors of `channel_block` lanes runs them (None: as in `a`)."""
+    CPU with vectors of `channel_block` lanes runs them (None: as in `a`), their register tiles
+    as one of vector spec `spec` (`vector_spec`) tiles them."""
     from nasc.backends.cpu_schedules import conv_runs
     from nasc.search.predictor import group_features
 
     runs = conv_runs(a.model, channel_block)
-    return {g.signature: group_features(a, g.nodes, runs) for g in kernel_groups(a)}
+    return {g.signature: group_features(a, g.nodes, runs, spec) for g in kernel_groups(a)}
 
 
-def channel_block(target) -> int | None:
-    """The NCHW{c}c block of `target`'s CPU pipeline (None off a CPU)."""
+def vector_spec(target):
+    """The SIMD shape of `target`'s CPU pipeline (backends/cpu_rules/vector_spec.py; None off a CPU)."""
     if target.device != "cpu":
         return None
     from nasc.backends.cpu_schedules import cpu_vector_spec
 
-    return cpu_vector_spec(target.tvm()).channel_block
+    return cpu_vector_spec(target.tvm())
+
+
+def channel_block(target) -> int | None:
+    """The NCHW{c}c block of `target`'s CPU pipeline (None off a CPU)."""
+    spec = vector_spec(target)
+    return spec.channel_block if spec is not None else None
 
 
 def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
@@ -284,11 +291,13 @@ def part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
 # ---------------------------------------------------------------------------------------
 # calibration suite: sampled standalone kernels a predictor is fitted on
 
-SUITE_SIZE = 160
+SUITE_SIZE = 320
 # kernel mix of the suite (weights): CNN kernels dominate IoT models
 SUITE_MIX = {"conv": 0.14, "winograd": 0.12, "conv-plain": 0.07, "conv1x1": 0.14, "conv1x1-plain": 0.06, "dwconv": 0.16, "matmul": 0.1,
              "classifier": 0.05, "pool": 0.1, "reduce": 0.05, "eltwise": 0.1, "other": 0.04, "stem": 0.04}
-SUITE_PIXELS = (7, 14, 28, 56, 112)
+# map sides: ImageNet-sized inputs halve 224 (112 ... 7), CIFAR- and 64-pixel ones 64 (... 2); a suite
+# without the second priced DenseNet's 1x1 convs on 64x64 to 4x4 maps 20-40% slow
+SUITE_PIXELS = (2, 4, 7, 8, 14, 16, 28, 32, 56, 64, 112)
 SUITE_STEM_PIXELS = (64, 96, 128, 160, 224)
 SUITE_CHANNELS = (8, 1024)      # log-uniform, multiples of 8
 # channels x map side of CNN stages (ResNet-18 3584 throughout, MobileNetV2 900-8000): half the
@@ -420,7 +429,7 @@ def measure_suite(target, size: int = SUITE_SIZE, seed: int = 0, known: dict[str
         a = prepared_analysis(m)
         # the suite's kernels stand for those of CNNs: conv-free ones are timed as they run in one
         times = measure_kernels(a, target, times, database=database, blocked=True)
-        features.update(kernel_features(a, channel_block(target)))
+        features.update(kernel_features(a, channel_block(target), vector_spec(target)))
     return times, features
 
 

@@ -88,7 +88,7 @@ def suite_profile(target, size: int, sessions: int = 1) -> prof.KernelProfile:
                 and doc.get("pipeline") == pipeline_fingerprint()):
             cached = doc
             if doc.get("sessions", 1) >= sessions:
-                return prof.kernel_profile(doc, str(path))
+                return prof.kernel_profile({**doc, "features": suite_features(target, size)}, str(path))
     PROFILES.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     kernels, features = prof.measure_suite(target, size, log=_log)
@@ -96,6 +96,14 @@ def suite_profile(target, size: int, sessions: int = 1) -> prof.KernelProfile:
     doc = prof.save_profile(path, target, kernels, features, {"models": [f"calibration-suite:{size}"], "sessions": sessions, "pipeline": pipeline_fingerprint(),
                                                              "measure_seconds": round(time.perf_counter() - t0, 1)})
     return prof.kernel_profile(doc, str(path))
+
+
+def suite_features(target, size: int) -> dict[str, dict]:
+    """The suite's kernel features as this nasc computes them: features are derived from the
+    kernels, not measured, so a cached suite's times are priced with the current predictor."""
+    block, spec = prof.channel_block(target), prof.vector_spec(target)
+    return {sig: f for m in prof.calibration_suite(size) for sig, f in
+            prof.kernel_features(prof.prepared_analysis(m), block, spec).items()}
 
 
 def model_kernels(name: str, a, target, sessions: int = 1) -> dict[str, float]:

@@ -20,6 +20,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from nasc import defaults  # noqa: E402
+from nasc.backends.profile import SUITE_SIZE  # noqa: E402
 from nasc.errors import NascError  # noqa: E402
 from nasc.types import Link, Prediction  # noqa: E402
 
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cached-only", action="store_true", help="use the cut-times caches as they are; measure nothing")
     ap.add_argument("--cache-dir", type=Path, default=cut_times.CACHE_DIR)
     ap.add_argument("-o", "--output", type=Path, default=RESULTS)
-    ap.add_argument("--suite", type=int, default=160, metavar="N",
-                    help="calibration-suite size for the predicted/measured models (see latency_model.py; 0: leave them out)")
+    ap.add_argument("--suite", type=int, default=SUITE_SIZE, metavar="N",
+                    help="calibration-suite size for the predicted/measured models, the latency benchmark's by default "
+                         "(see latency_model.py; 0: leave them out)")
     ap.add_argument("--server-speedup", default=",".join(f"{x:g}" for x in SERVER_SPEEDUPS),
                     help="comma-separated: emulate the server as S times faster than the host")
     args = ap.parse_args(argv)

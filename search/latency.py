@@ -107,10 +107,23 @@ def _channel_block(target: dict) -> int | None:
 
 @lru_cache(maxsize=None)
 def _llvm_channel_block(spec_json: str) -> int:
-    from nasc.backends.profile import channel_block
+    return _llvm_vector_spec(spec_json).channel_block
+
+
+def _vector_spec(target: dict):
+    """The SIMD shape of a profile's CPU target (backends.profile.vector_spec; None off a CPU)."""
+    spec = (target or {}).get("tvm")
+    if not spec or spec.get("kind") != "llvm":
+        return None
+    return _llvm_vector_spec(json.dumps(spec, sort_keys=True))
+
+
+@lru_cache(maxsize=None)
+def _llvm_vector_spec(spec_json: str):
+    from nasc.backends.profile import vector_spec
     from nasc.backends.targets import resolve_target
 
-    return channel_block(resolve_target(json.loads(spec_json)))
+    return vector_spec(resolve_target(json.loads(spec_json)))
 
 
 def _part_signature(a: Analysis, nodes: tuple[int, ...]) -> str:
@@ -180,7 +193,8 @@ class MeasuredLatencyModel:
         unknown = [k for k, h in enumerate(how) if h == PREDICTED]
         if unknown:
             run = self._conv_runs(a, prof)
-            ms[unknown] = prof.predictor.predict_ms([group_features(a, parts[k], run) for k in unknown])
+            spec = _vector_spec(prof.target)
+            ms[unknown] = prof.predictor.predict_ms([group_features(a, parts[k], run, spec) for k in unknown])
         rest = [k for k, h in enumerate(how) if h == ANALYTIC]
         if rest:
             base = self.fallback.node_ms(a, side)

@@ -5,22 +5,28 @@ described by a class (dense conv, 1x1 conv, depthwise conv, matmul, pooling, red
 elementwise, other) and a few sizes: FLOPs, bytes in and out, weight bytes, channels, pixels,
 window, stride. Per class, time is a non-negative sum of cost terms (compute, compute lost
 to narrow channels, bytes read, written and re-passed by the epilogue, per-pixel work, a
-fixed cost; compute counted as the target runs it, channels padded to its block and slower
-in a narrower one), fitted for least *relative* error: a roofline whose rates are learnt from the
-target. Additive terms extrapolate to unseen sizes where trees cannot, and beat a log-linear
-fit in cross-validation on the calibration suite (median error 15% vs 34%). Classes with a few
-samples fit the memory terms alone; fewer still share one pooled fit.
+fixed cost; compute counted as the target runs it, channels padded to its block, Winograd maps
+to whole tiles, slower in a narrower block and in a register tile that loads more operands per
+FMA), fitted for least *relative* error: a roofline whose rates are learnt from the target.
+Additive terms extrapolate to unseen sizes where trees cannot, and beat a log-linear fit in
+cross-validation on the calibration suite (median error 15% vs 34%). Classes with a few samples
+fit the memory terms alone; fewer still share one pooled fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nasc.backends.cpu_rules import winograd
 from nasc.errors import NascError
 from nasc.partitioner.analysis import Analysis, _attr, runs_winograd
 from nasc.partitioner.load import node_inputs
+
+if TYPE_CHECKING:
+    from nasc.backends.cpu_rules.vector_spec import CpuVectorSpec
 
 # a layout transform's direction is a class of its own: NCHW -> NCHW{c}c gathers strided channels
 # and runs at 9-18 GB/s on Zen 5, the way back at 22-25 (a ShuffleNetV2 tail's 98 KB entry
@@ -32,7 +38,8 @@ CLASSES = ("conv", "winograd", "conv1x1", "dwconv", "matmul", "pool", "reduce", 
 CHANNEL_ALIGN = 8
 # numeric features, in design-matrix order (after the intercept)
 NUMERIC = ("flops", "in_bytes", "out_bytes", "weight_bytes", "out_channels", "in_channels_per_group",
-           "out_pixels", "window", "stride", "ops", "plain_layout", "padding", "block_cost")
+           "out_pixels", "window", "stride", "ops", "plain_layout", "padding", "block_cost", "tile_padding",
+           "tile_loads")
 _POOL_OPS = {"MaxPool", "AveragePool", "LpPool"}
 _MATMUL_OPS = {"Gemm", "MatMul", "Einsum"}
 _ELTWISE_OPS = {"Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "Tanh", "Concat", "Split", "Transpose",
@@ -86,13 +93,15 @@ def _shape(a: Analysis, name: str) -> tuple[int, ...]:
     return ()
 
 
-def group_features(a: Analysis, nodes: tuple[int, ...],
-                   runs: dict[str, tuple[int, int, int, float]] | None = None) -> dict:
+def group_features(a: Analysis, nodes: tuple[int, ...], runs: dict[str, tuple[int, int, int, float]] | None = None,
+                   spec: "CpuVectorSpec | None" = None) -> dict:
     """The class and sizes of the kernel made of `nodes` (an anchor then its fused epilogue).
 
     `runs`: how the target runs each conv (backends.cpu_schedules.conv_runs); from it `padding`,
-    the MACs a conv computes per MAC of the ONNX graph (channels padded to the block), and
-    `block_cost`, its time per MAC in the block it runs in against a full-vector block."""
+    the MACs a conv computes per MAC of the ONNX graph (channels padded to the block), whether it
+    runs in plain layout (its output channels not widened to a block), and `block_cost`, its
+    time per MAC in the block it runs in against a full-vector block. `spec`: the target's
+    vectors, from which `tile_loads`, the operands its register tile loads per FMA."""
     anchor = a.nodes[nodes[0]]
     produced = {o for i in nodes for o in a.nodes[i].output}
     ext_in = dict.fromkeys(x for i in nodes for x in node_inputs(a.nodes[i]) if x in a.specs and x not in produced)
@@ -112,10 +121,18 @@ def group_features(a: Analysis, nodes: tuple[int, ...],
     cls = kernel_class(a, nodes[0])
     w = _shape(a, anchor.input[1]) if cls in ("conv", "conv1x1") else ()
     plain = bool(w) and not _aligned(w, group)
-    padding = block_cost = 1.0
+    padding = block_cost = tile_padding = tile_loads = 1.0
+    if cls == "winograd":
+        # whole tiles: a 7x7 or 14x14 map is computed as 8x8 or 16x16
+        th, tw = winograd.tiles(out_shape[2], out_shape[3])
+        tile_padding = th * tw * winograd.TILE ** 2 / max(pixels, 1)
     if runs and anchor.name in runs and len(in_shape) == 4 and len(out_shape) == 4:
         run_in, run_out, run_group, block_cost = runs[anchor.name]
         padding = (run_out * run_in / max(run_group, 1)) / max(out_shape[1] * in_shape[1] / max(group, 1), 1)
+        # channels the CPU layout pass widened to its block run blocked, however the graph has them
+        plain = plain and run_out % CHANNEL_ALIGN != 0
+        if spec is not None and not plain:
+            tile_loads = register_tile_loads(cls, run_out, out_shape, spec)
     return {
         "class": cls,
         "flops": float(sum(a.flops[i] for i in nodes)),
@@ -132,7 +149,31 @@ def group_features(a: Analysis, nodes: tuple[int, ...],
         "plain_layout": float(plain),
         "padding": float(padding),
         "block_cost": float(block_cost),
+        "tile_padding": float(tile_padding),
+        "tile_loads": float(tile_loads),
     }
+
+
+def register_tile_loads(cls: str, out_channels: int, out_shape, spec: "CpuVectorSpec") -> float:
+    """Operands loaded per FMA by the register tile the CPU schedule gives a blocked conv of
+    `out_channels` (widened to the block) and output `out_shape` (backends/cpu_rules/tir_rules.py):
+    a rows x cols tile loads rows + cols operands for rows * cols FMAs, and a tile of few
+    accumulators leaves the FMA units waiting on loads. A Winograd conv's tile is its matmuls'
+    (tiles x out channels, one or two vectors wide). In the suite, Winograd convs whose out
+    channels fill one vector but not two ran at 0.6x the GFLOP/s of those that fill two."""
+    from nasc.backends.cpu_rules.tir_rules import MATMUL_ROW_TILE
+
+    if cls == "winograd":
+        th, tw = winograd.tiles(out_shape[2], out_shape[3])
+        t = th * tw
+        rows = max(d for d in range(1, min(t, MATMUL_ROW_TILE) + 1) if t % d == 0)
+        if rows * 2 <= min(t, MATMUL_ROW_TILE):   # as _schedule_matmul: a predicated last tile
+            rows = MATMUL_ROW_TILE
+        cols = 2 if out_channels % spec.matmul_cols == 0 else 1
+    else:
+        blocks = 1 if cls == "dwconv" else max(out_channels // spec.channel_block, 1)
+        rows, cols = spec.conv_tile(blocks, out_shape[3])
+    return (rows + cols) / (rows * cols)
 
 
 # Kernel classes whose CPU schedule folds a fused elementwise epilogue (bias, ReLU, clip, residual
@@ -146,9 +187,12 @@ def _terms(features: list[dict]) -> np.ndarray:
     """(K, T) cost terms of each kernel; time = terms @ rates with rates >= 0."""
     rows = []
     for f in features:
-        run = f["flops"] * f.get("padding", 1.0)                  # what runs: channels widened to the block
+        # what runs: channels widened to the block, Winograd maps to whole tiles
+        run = f["flops"] * f.get("padding", 1.0) * f.get("tile_padding", 1.0)
+        compute = run * f.get("block_cost", 1.0)
         rows.append([
-            run * f.get("block_cost", 1.0),                       # compute, slower in a narrow block
+            compute,                                              # compute, slower in a narrow block
+            compute * f.get("tile_loads", 1.0),                   # and in a tile loading more per FMA
             run / max(f["in_channels_per_group"], 1.0),            # short reductions vectorise poorly
             run / max(f["out_channels"], 1.0),                     # so do narrow outputs
             f["in_bytes"], f["out_bytes"], f["weight_bytes"],      # memory traffic (and layout changes)
@@ -162,8 +206,8 @@ def _terms(features: list[dict]) -> np.ndarray:
     return np.array(rows, np.float64).reshape(len(features), len(TERMS))
 
 
-TERMS = ("flops", "flops_per_in_channel", "flops_per_out_channel", "in_bytes", "out_bytes", "weight_bytes",
-         "epilogue_bytes", "plain_layout_flops", "out_pixels", "constant")
+TERMS = ("flops", "operand_loads", "flops_per_in_channel", "flops_per_out_channel", "in_bytes", "out_bytes",
+         "weight_bytes", "epilogue_bytes", "plain_layout_flops", "out_pixels", "constant")
 
 
 def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 500) -> np.ndarray:

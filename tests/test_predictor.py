@@ -11,7 +11,9 @@ from nasc.backends.profile import (
 )
 from nasc.errors import NascError
 from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLatencyModel, half_ms, predict
-from nasc.search.predictor import CLASSES, LAYOUT_CLASSES, NUMERIC, KernelPredictor, _terms, fit_predictor, group_features
+from nasc.search.predictor import (
+    CLASSES, LAYOUT_CLASSES, NUMERIC, TERMS, KernelPredictor, _terms, fit_predictor, group_features,
+)
 
 ANALYTIC = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
 
@@ -44,7 +46,8 @@ def test_weight_bytes_are_the_float_data_a_kernel_reads_not_its_integer_paramete
 
 
 def test_convs_that_miss_the_cpu_block_are_priced_apart():
-    """DenseNet's growth of 12 channels keeps its convs out of NCHW8c: they run in plain layout."""
+    """DenseNet's growth of 12 channels keeps its convs' channels off the 8-channel block: priced
+    without the target's runs (how it pads them), they are priced as plain layout."""
     _, a, _ = prepared("densenet")
     plain = {}
     for g in kernel_groups(a):
@@ -63,9 +66,12 @@ def _synthetic(n, rng, cls="conv"):
         f["class"] = cls
         f["padding"] = 1.0 + float(rng.random())      # channels the target pads to, per real MAC
         f["block_cost"] = 1.0 + float(rng.random())   # and its time per MAC in a narrow block
+        f["tile_padding"] = 1.0 + float(rng.random())  # Winograd tiles computed per pixel kept
+        f["tile_loads"] = float(rng.random())          # operands loaded per FMA
         feats.append(f)
     # a known roofline: compute as run (padded, in its block) + bytes written + a fixed cost
-    ms = np.array([2e-4 * f["flops"] * f["padding"] * f["block_cost"] + 5e-5 * f["out_bytes"] + 0.01 for f in feats])
+    ms = np.array([2e-4 * f["flops"] * f["padding"] * f["tile_padding"] * f["block_cost"] + 5e-5 * f["out_bytes"] + 0.01
+                   for f in feats])
     return feats, ms
 
 
@@ -254,7 +260,7 @@ def test_block_cost_prices_a_conv_held_to_a_narrow_block():
 def test_a_conv_epilogue_costs_no_pass_over_the_output_a_matmul_one_does():
     """The CPU conv schedules apply a fused epilogue to the register tile as they write it back:
     a conv with a ReLU fused in has the cost terms of the bare conv. Other classes keep the term."""
-    from nasc.search.predictor import EPILOGUE_IN_REGISTERS, TERMS
+    from nasc.search.predictor import EPILOGUE_IN_REGISTERS
 
     base = {"flops": 1e7, "in_bytes": 4e5, "out_bytes": 8e5, "weight_bytes": 1e4, "out_channels": 64.0,
             "in_channels_per_group": 32.0, "out_pixels": 3136.0, "window": 1.0, "stride": 1.0, "ops": 1.0,
@@ -267,3 +273,59 @@ def test_a_conv_epilogue_costs_no_pass_over_the_output_a_matmul_one_does():
         else:
             assert fused[epilogue] == 2 * base["out_bytes"] and bare[epilogue] == 0.0
     assert {"conv", "conv1x1", "dwconv", "winograd"} == set(EPILOGUE_IN_REGISTERS)
+
+
+AVX2 = dict(vector_bits=256, channel_block=8)
+
+
+def _avx2_spec():
+    from nasc.backends.cpu_rules.vector_spec import AVX2_TILE_ACCUMULATORS, AVX2_TILE_ROWS, CpuVectorSpec
+
+    return CpuVectorSpec(**AVX2, conv_tile_rows=AVX2_TILE_ROWS, conv_tile_accumulators=AVX2_TILE_ACCUMULATORS)
+
+
+def _one_conv(cin: int, cout: int, hw: int, k: int = 3):
+    from nasc.examples.builder import Net
+
+    n = Net("one_conv", 0)
+    return prepared_analysis(n.build(n.conv(n.input("input", (1, cin, hw, hw)), cin, cout, k), "one conv"))
+
+
+@pytest.mark.parametrize("cout,hw,padding,loads", [
+    (64, 28, 1.0, (6 + 2) / (6 * 2)),     # 7x7 tiles (49: a predicated 6-row tile), two vectors of outputs
+    (72, 28, 1.0, (6 + 1) / (6 * 1)),     # 72 channels fill one 16-lane panel column no more: one vector
+    (64, 14, 256 / 196, (4 + 2) / (4 * 2)),  # 14x14 is computed as 16x16: 4x4 tiles, rows of 4
+])
+def test_a_winograd_conv_is_priced_by_whole_tiles_and_its_matmul_register_tile(cout, hw, padding, loads):
+    """A Winograd conv computes whole 4x4 tiles and runs its matmuls in tiles of up to 6 rows by
+    one or two vectors: in the suite, out channels filling one vector but not two ran at 0.6x the
+    GFLOP/s. Without a vector spec (off a CPU) the tile is unknown and costs nothing extra."""
+    a = _one_conv(64, cout, hw)
+    (f,) = [f for f in kernel_features(a, 8, _avx2_spec()).values() if f["class"] == "winograd"]
+    assert f["tile_padding"] == pytest.approx(padding) and f["tile_loads"] == pytest.approx(loads)
+    (bare,) = [f for f in kernel_features(a, 8).values() if f["class"] == "winograd"]
+    assert bare["tile_loads"] == 1.0 and bare["tile_padding"] == pytest.approx(padding)
+    terms = dict(zip(TERMS, _terms([f])[0]))
+    assert terms["flops"] == pytest.approx(f["flops"] * padding)
+    assert terms["operand_loads"] == pytest.approx(f["flops"] * padding * loads)
+
+
+def test_a_direct_conv_tile_loads_follow_the_conv_register_tile():
+    """A 1x1 conv with 48 out channels (6 blocks of 8) on 32-wide rows gets the AVX2 6 x 2 tile;
+    one with 152 (19 blocks, prime) gets a single row of 8 pixels: more loads per FMA."""
+    spec = _avx2_spec()
+    wide = [f for f in kernel_features(_one_conv(64, 48, 32, k=1), 8, spec).values() if f["class"] == "conv1x1"]
+    tall = [f for f in kernel_features(_one_conv(64, 152, 32, k=1), 8, spec).values() if f["class"] == "conv1x1"]
+    assert spec.conv_tile(6, 32) == (6, 2) and spec.conv_tile(19, 32) == (1, 8)
+    assert wide[0]["tile_loads"] == pytest.approx(8 / 12) and tall[0]["tile_loads"] == pytest.approx(9 / 8)
+
+
+def test_a_conv_padded_to_the_block_runs_blocked_not_plain():
+    """DenseNet's convs read 36, 60, 84 channels: the CPU pipeline pads them to its 8-channel block,
+    so none runs in plain layout (priced so, its 1x1 convs read 20-40% slow). Without the target's
+    runs the graph's own channels decide."""
+    _, a, _ = prepared("densenet")
+    on_cpu, bare = kernel_features(a, 8), kernel_features(a)
+    convs = [s for s, f in bare.items() if f["class"] in ("conv", "conv1x1")]
+    assert any(bare[s]["plain_layout"] for s in convs)
+    assert not any(on_cpu[s]["plain_layout"] for s in convs)

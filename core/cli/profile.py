@@ -142,7 +142,7 @@ def _profile_model(args, target, kernels: dict, features: dict, contexts: dict, 
     prior = prof.fit_profile_predictor(kernels, features)
     before = MeasuredLatencyModel(analytic, *[KernelProfile({}, {prof.CALL_KEY: kernels.get(prof.CALL_KEY, 0.0)}, {}, prior)] * 2) if prior else None
     kernels.update(prof.measure_kernels(a, target, kernels, log=status.update, database=database))
-    features.update(prof.kernel_features(a, prof.channel_block(target)))
+    features.update(prof.kernel_features(a, prof.channel_block(target), prof.vector_spec(target)))
     status.update("timing every kernel in place")
     key = model_key(a.model)
     contexts[key] = measure_in_context(a, target, database=database, log=status.update, halves=half_masks(p.cuts))
