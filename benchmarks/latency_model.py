@@ -3,10 +3,11 @@
 Five models price each half, side by side on the same measured cuts (benchmarks/cut_times.py):
 - predicted: the kernel-time predictor fitted only on the sampled calibration suite (no kernel
   of the evaluated model was measured: every model here is held out);
-- measured: the model compiled whole once, every kernel timed in place and the halves composed
-  from those records (backends/context.py), each cut's head and tail scaled by its kernels
-  replayed alone in that executable, the suite predictor for kernels a cut breaks;
-- in_place: measured without the replay, every half's kernels at their times in the whole model;
+- in_place: the model compiled whole once, every kernel timed in place and the halves composed
+  from those records (backends/context.py), the suite predictor for kernels a cut breaks: the
+  measured mode nasc-profile gives;
+- replayed: in place, each cut's head and tail scaled by its kernels replayed alone in that
+  executable (nasc-profile --replay);
 - standalone: the model's own kernels, each compiled alone and timed in place, composed with the
   layouts and transforms the CPU layout pass is planned to choose (as `predicted` does);
   both timed in sessions interleaved with the sessions that time the cuts' halves, so that
@@ -50,7 +51,7 @@ from nasc.search.latency import DEVICE, SERVER, AnalyticLatencyModel, MeasuredLa
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = RESULTS / "profiles"
 TOLERANCE_PCT = 10.0
-MODES = ("predicted", "measured", "in_place", "standalone", "analytic")
+MODES = ("predicted", "in_place", "replayed", "standalone", "analytic")
 # sessions, minutes apart, that the suite and each model's kernels and in-place records are timed
 # in: a record from two slow sessions (ShuffleNetV2's whole runs 0.320 and 0.345 ms, against 0.274
 # in the cut times) put that model's halves at 18% and 0% within ±10%
@@ -143,7 +144,7 @@ def model_context(name: str, a, target, halves, sessions: int = 1) -> dict:
             cached = doc
             if len(doc["sessions_whole_ms"]) >= sessions:
                 return rescaled(doc["context"], min(doc["sessions_whole_ms"]))
-    doc = measure_in_context(a, target, log=_log, halves=halves)
+    doc = measure_in_context(a, target, log=_log, halves=halves, replay=True)
     wholes = (cached or {}).get("sessions_whole_ms", []) + [doc["whole_ms"]]
     if cached is not None:
         kept, other = sorted((cached["context"], doc), key=_calls_ms)
@@ -186,21 +187,21 @@ def _calls_ms(context: dict) -> float:
 
 
 def kernel_models(name: str, a, target, suite: prof.KernelProfile, halves) -> dict:
-    """The host priced on both sides: `predicted` from the suite alone, `measured` from the model's kernels
-    timed in place, `standalone` from its kernels timed alone (the suite's predictor for the parts of a
-    kernel a cut breaks)."""
+    """The host priced on both sides: `predicted` from the suite alone, `in_place` from the model's
+    kernels timed in place, `replayed` with its halves replayed too, `standalone` from its kernels
+    timed alone (the suite's predictor for the parts of a kernel a cut breaks)."""
     from nasc.backends.context import model_key
 
     own = prof.KernelProfile(suite.target, {**suite.kernels, **model_kernels(name, a, target)}, {}, suite.predictor)
     context = model_context(name, a, target, halves)
-    in_place = prof.KernelProfile(suite.target, dict(suite.kernels), {}, suite.predictor,
+    replayed = prof.KernelProfile(suite.target, dict(suite.kernels), {}, suite.predictor,
                                   contexts={model_key(a.model): context})
-    not_replayed = prof.KernelProfile(suite.target, dict(suite.kernels), {}, suite.predictor,
-                                      contexts={model_key(a.model): {**context, "halves": {}}})
+    in_place = prof.KernelProfile(suite.target, dict(suite.kernels), {}, suite.predictor,
+                                  contexts={model_key(a.model): {**context, "halves": {}}})
     analytic = AnalyticLatencyModel(defaults.DEFAULT_DEVICE, defaults.DEFAULT_SERVER)
     return {"predicted": MeasuredLatencyModel(analytic, suite, suite),
-            "measured": MeasuredLatencyModel(analytic, in_place, in_place),
-            "in_place": MeasuredLatencyModel(analytic, not_replayed, not_replayed),
+            "in_place": MeasuredLatencyModel(analytic, in_place, in_place),
+            "replayed": MeasuredLatencyModel(analytic, replayed, replayed),
             "standalone": MeasuredLatencyModel(analytic, own, own)}
 
 
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in MODES:
         overall[m]["relative_to_whole"] = e = share_errors([(r["modes"][m], r["whole_model_ms"]) for r in results])
         print(f"as shares of each model's whole, {m:9s}: {e['within_10pct'] * 100:.0f}% within ±10%, MAPE {e['mape_pct']:.1f}%")
-    for m in ("measured", "in_place"):
+    for m in ("in_place", "replayed"):
         rest = [x for r in results for h in ("head", "tail") for x in r["modes"][m]["per_cut"][h] if not x["own_layout"]]
         overall[m]["without_own_layouts"] = e = _errors(np.array([x["predicted_ms"] for x in rest]),
                                                         np.array([x["measured_ms"] for x in rest]))

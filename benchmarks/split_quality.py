@@ -94,9 +94,9 @@ def latency_models(device_profile: str | None, server_profile: str | None) -> di
 
 
 def kernel_models(name: str, p, suite_size: int | None) -> dict:
-    """`predicted` (suite-fitted predictor only), `measured` (the model's kernels timed in place, its
-    halves replayed), `in_place` (not replayed) and `standalone` (its kernels timed alone), as in
-    latency_model.py, for the model planned as `p`."""
+    """`predicted` (suite-fitted predictor only), `in_place` (the model's kernels timed in place: the
+    measured mode), `replayed` (its halves replayed too) and `standalone` (its kernels timed alone),
+    as in latency_model.py, for the model planned as `p`."""
     if not suite_size:
         return {}
     import latency_model as LM
@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
            "links": {n: {"bandwidth_mbit": defaults.LINK_PRESETS[n].bandwidth_mbit, "rtt_ms": defaults.LINK_PRESETS[n].rtt_ms} for n in LINKS},
            "latency_models": {**{n: lm.source for n, lm in lms.items()},
                               "predicted": "kernel predictor fitted on the calibration suite only (models held out)",
-                              "measured": "each model's kernels timed in place in the compiled whole model, suite predictor for broken parts",
+                              "in_place": "each model's kernels timed in place in the compiled whole model, suite predictor for broken parts",
+                              "replayed": "in_place, each half scaled by its kernels replayed alone in that model",
                               "standalone": "each model's own kernels measured standalone, suite predictor for broken parts"},
            "profiles": {"device": args.device_profile, "server": args.server_profile},
            "models": coverage, "summary": summary, "cases": cases}

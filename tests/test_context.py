@@ -183,7 +183,7 @@ def test_every_cut_half_is_replayed_alone_in_the_compiled_model():
     _, a, cuts = prepared("resnet8")
     masks = half_masks(cuts)
     assert len(masks) == sum(bool(c.head_mask.any()) + bool((~c.head_mask).any()) for c in cuts)
-    doc = measure_in_context(a, resolve_target("llvm"), halves=masks)
+    doc = measure_in_context(a, resolve_target("llvm"), halves=masks, replay=True)
     # every half that runs a kernel whole is replayed (a tail of shape ops alone runs none, and one
     # that holds only the end of a fused kernel runs it as a part compiled apart)
     ctx = ContextTimes(doc, a)
@@ -206,6 +206,7 @@ def test_every_tensor_a_half_receives_or_sends_is_timed_through_its_own_transfor
     sent = {t for c in cuts if c.kind == "split" for t in c.tensors if len(a.specs[t].shape) == 4}
     assert sent and sent <= set(tensors) and set(tensors) <= sent | set(a.inputs)
     doc = measure_in_context(a, resolve_target("llvm"), halves=masks)
+    assert doc["halves"] == {}   # the replay is opt-in; the crossing transforms are not
     block = doc["block"]
     assert block and all(k["tensor"] is None or len(a.specs[k["tensor"]].shape) != 4 or not k["blocked"]
                          or a.specs[k["tensor"]].shape[1] % block == 0 for k in doc["kernels"])

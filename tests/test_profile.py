@@ -143,7 +143,14 @@ def test_profile_cli_calibrates_fits_and_checks_halves(tmp_path, capsys):
     assert halves and all(h["measured_ms"] > 0 and h["from_kernels_ms"] > 0 and h["from_predictor_ms"] > 0 for h in halves)
     assert set(summary["accuracy"]) == {"in_context_ms", "from_kernels_ms", "from_predictor_ms"}
     assert all(h["in_context_ms"] > 0 for h in halves)
-    assert "example:tiny" in json.loads(prof.read_text())["models"]
+    doc = json.loads(prof.read_text())
+    assert "example:tiny" in doc["models"]
+    # halves are priced in place: the replay is opt-in (--replay)
+    assert [c["halves"] for c in doc["contexts"].values()] == [{}]
+    replayed = tmp_path / "replayed.json"
+    assert profile_main(["example:tiny", "-o", str(replayed), "--cuts", "0", "--replay", "-q"]) == 0
+    (context,) = json.loads(replayed.read_text())["contexts"].values()
+    assert context["halves"] and all(r > 0 for r in context["halves"].values())
     from nasc.cli.compile import main as compile_main
 
     assert compile_main(["example:tiny", "--dry-run", "--json", "--device-profile", str(prof), "-q"]) == 0

@@ -21,6 +21,8 @@ PREDICTIONS = {"in_context_ms": "from this model's kernels timed in place (measu
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nasc.backends.profile import SUITE_SIZE
+
     p = argparse.ArgumentParser(prog="nasc-profile", description="Measure the kernels of a model (and/or a sampled "
                                 "calibration suite) on a target with TVM's time_evaluator, fit the kernel-time predictor "
                                 "the search uses for unseen kernels, and compare per-cut head and tail times predicted "
@@ -32,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", metavar="DIR", help="nasc-tune database: measure tuned kernels, and keep the profile in DIR "
                    "(nasc-compile --tuning-db DIR then uses it) unless -o is given")
     p.add_argument("--calibrate", nargs="?", type=int, const=-1, metavar="N",
-                   help="also measure N sampled standalone kernels (default 160) so the predictor covers every kernel class")
+                   help=f"also measure N sampled standalone kernels (default {SUITE_SIZE}) so the predictor covers "
+                   "every kernel class")
     p.add_argument("--cuts", type=int, default=DEFAULT_CHECKED_CUTS, help="how many cuts to compile and measure as whole "
                    "heads and tails (0: none)")
+    p.add_argument("--replay", action="store_true", help="also replay each cut's head and tail alone in the compiled "
+                   "model and scale its kernels by how much faster they ran there (off: every half at its kernels' "
+                   "times in the whole model)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -145,7 +151,8 @@ def _profile_model(args, target, kernels: dict, features: dict, contexts: dict, 
     features.update(prof.kernel_features(a, prof.channel_block(target), prof.vector_spec(target)))
     status.update("timing every kernel in place")
     key = model_key(a.model)
-    contexts[key] = measure_in_context(a, target, database=database, log=status.update, halves=half_masks(p.cuts))
+    contexts[key] = measure_in_context(a, target, database=database, log=status.update, halves=half_masks(p.cuts),
+                                       replay=args.replay)
     standalone = KernelProfile({}, kernels, features, None)
     in_place = KernelProfile({}, kernels, features, None, contexts={key: contexts[key]})
     models = {"in_context_ms": MeasuredLatencyModel(analytic, in_place, in_place),
