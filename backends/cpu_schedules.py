@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import tvm
 from onnx import ModelProto, numpy_helper
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
 from .cpu_rules.lowering import (CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, MIN_CONV_BLOCK, block_fits, conv_block,
-                                 lowering_passes, reduced_in_channels, writes_blocked)
+                                 lowering_passes, reduced_in_channels, summed_channels, writes_blocked)
 from .cpu_rules.tir_rules import default_rules
 from .cpu_rules.vector_spec import CpuVectorSpec, cpu_vector_spec
 
@@ -132,14 +133,16 @@ def block_mac_cost(conv: tuple[int, int, int], block: int | None, channel_block:
     return None
 
 
-def summed_in_channels(a: Analysis, node) -> int:
-    """Input channels the CPU conv of `node` sums over (`reduced_in_channels`): a dense conv with
-    a constant weight skips its trailing zero-weight ones, the channels `pad_channels` added."""
+def summed_in_channels(a: Analysis, node, block: int | None = None) -> int:
+    """Input channels the CPU conv of `node` sums over in a model blocked by `block` (None: plain;
+    `lowering.summed_channels`): a dense conv with a constant weight skips its trailing
+    zero-weight ones, the channels `pad_channels` added, up to whole blocks where it has a window."""
     cin, _, groups = conv_channels(a, node)
     weight = next((t for t in a.model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
     if groups != 1 or weight is None:
         return cin
-    return min(cin, reduced_in_channels(numpy_helper.to_array(weight)))
+    w = numpy_helper.to_array(weight)
+    return min(cin, summed_channels(reduced_in_channels(w), w.shape[1], block, int(np.prod(w.shape[2:]))))
 
 
 def conv_cost(a: Analysis, channel_block: int) -> float:
@@ -151,7 +154,7 @@ def conv_cost(a: Analysis, channel_block: int) -> float:
         if n.op_type == "Conv":
             conv = conv_channels(a, n)
             cost = block_mac_cost(conv, block, channel_block)
-            summed = summed_in_channels(a, n) / max(conv[0], 1)
+            summed = summed_in_channels(a, n, block) / max(conv[0], 1)
             total += float(a.macs[i]) * summed * (PLAIN_CONV_COST if cost is None else cost)
     return total
 
@@ -185,7 +188,7 @@ def conv_runs(model: ModelProto, channel_block: int | None) -> dict[str, tuple[i
         return {}
     w = analyze(pad_for_cpu(model, channel_block)[0])
     block = model_conv_block(w, channel_block)
-    return {n.name: (summed_in_channels(w, n), *conv[1:], block_mac_cost(conv, block, channel_block) or 1.0)
+    return {n.name: (summed_in_channels(w, n, block), *conv[1:], block_mac_cost(conv, block, channel_block) or 1.0)
             for n in w.nodes if n.op_type == "Conv" for conv in [conv_channels(w, n)]}
 
 

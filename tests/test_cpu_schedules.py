@@ -139,10 +139,11 @@ def test_a_conv_weight_larger_than_l1_is_packed_to_stream(cin, k, packed):
     assert all(bool(unrolled.search(text)) == (cin > block) for text in convs)
 
 
-@pytest.mark.parametrize("summed", [8, 24])
+@pytest.mark.parametrize("summed", [8, 12, 24])
 def test_a_conv_sums_only_over_the_input_channels_its_weight_reads(summed):
     """Input channels whose weights are all zero at the end of a conv's input (the ones
-    pad_channels adds) are not summed over: the reduction spans the first `summed` channels,
+    pad_channels adds) are not summed over: the reduction spans the first `summed` channels, up
+    to a whole block (`summed_channels`: a 3x3 conv stepping part of a block ran at half speed),
     stepping through them 8 at a time, and the result still matches ORT with nonzero data in them."""
     model = _conv_block(32, 16, 3, hw=8)
     for init in model.graph.initializer:
@@ -156,12 +157,23 @@ def test_a_conv_sums_only_over_the_input_channels_its_weight_reads(summed):
     sch = tvm.s_tir.Schedule(func)
     update = sch.get(sch.get_sblock("nasc_conv2d_nchwc_update"))
     reduced = [int(iv.dom.extent) for iv in update.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
-    assert reduced == [summed, 3, 3], reduced
-    # stepped 8 channels at a time; a sum of one step in a block no wider (AVX2's 8) is one loop
     block = cs.cpu_vector_spec(HOST).channel_block
+    whole = -(-summed // block) * block
+    assert reduced == [whole, 3, 3], reduced
+    # stepped 8 channels at a time; a sum of one step in a block no wider (AVX2's 8) is one loop
     step = min(block, CONV_UNROLL_CHANNELS)
     stepped = re.search(rf"rc_[0-9_]+ in T\.unroll\(T\.int64\({step}\)\)", func.script())
-    assert bool(stepped) == (summed > step or block > step)
+    assert bool(stepped) == (whole > step or block > step)
+
+
+def test_only_a_windowed_conv_rounds_its_sum_up_to_whole_blocks():
+    """A 3x3 conv that would sum 12 channels in 8-channel blocks sums 16 (its weights are zero
+    past 12); a 1x1 conv, which steps each block once per pixel, keeps 12; a sum of whole
+    blocks, or one within a block, is left as it is; never past the channels there are."""
+    assert lowering.summed_channels(12, 16, 8, 9) == 16
+    assert lowering.summed_channels(12, 16, 8, 1) == 12
+    assert lowering.summed_channels(24, 32, 8, 9) == 24 and lowering.summed_channels(6, 8, 8, 9) == 6
+    assert lowering.summed_channels(12, 12, 8, 9) == 12 and lowering.summed_channels(12, 16, None, 9) == 12
 
 
 def test_reduced_in_channels_keeps_every_channel_up_to_the_last_nonzero_weight():

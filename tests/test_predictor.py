@@ -209,7 +209,8 @@ def test_padding_is_the_macs_a_conv_runs_per_real_mac(name, block):
     """`padding` of a conv kernel is the MACs the CPU runs in the graph it compiles (channels padded to
     the block, summed over the input channels up to the last with a nonzero weight: the padded ones
     are skipped) over its MACs in the ONNX graph; 1 for every kernel of a model that is not padded."""
-    from nasc.backends.cpu_schedules import padding_block
+    from nasc.backends.cpu_rules.lowering import summed_channels
+    from nasc.backends.cpu_schedules import model_conv_block, padding_block
     from nasc.partitioner.analysis import analyze
     from nasc.passes.pad_channels import pad_channels
 
@@ -221,12 +222,15 @@ def test_padding_is_the_macs_a_conv_runs_per_real_mac(name, block):
         return
     w = analyze(pad_channels(a.model, padded_to))
     weights = {t.name: numpy_helper.to_array(t) for t in w.model.graph.initializer}
+    runs_in = model_conv_block(w, block)
     macs = {}
     for i, n in enumerate(w.nodes):
         if n.op_type == "Conv":
             weight = weights[n.input[1]]
             dense = all(attr.i == 1 for attr in n.attribute if attr.name == "group")
             summed = np.flatnonzero(np.abs(weight).sum(axis=(0, 2, 3)))[-1] + 1 if dense else weight.shape[1]
+            if dense:  # a windowed conv sums whole blocks (lowering.summed_channels)
+                summed = summed_channels(int(summed), weight.shape[1], runs_in, weight.shape[2] * weight.shape[3])
             macs[n.name] = w.macs[i] * summed / weight.shape[1]
     seen = skipped = 0
     for g in kernel_groups(a):

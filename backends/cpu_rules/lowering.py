@@ -338,7 +338,10 @@ class _CpuOpLowerer(PyExprMutator):
             # A layout_transform of a constant: FoldConstant packs it at compile time.
             weight = self.builder_.emit(relax.op.layout_transform(
                 weight, index_map=lambda o, i, h, w, oo: (o, i // c_block, h, w, i % c_block, oo)))
-        reduced = reduced_in_channels(root.value.numpy()) if root is not None and int(attrs.groups) == 1 else None
+        reduced = None
+        if root is not None and int(attrs.groups) == 1:
+            w = root.value.numpy()
+            reduced = summed_channels(reduced_in_channels(w), w.shape[1], c_block, w.shape[2] * w.shape[3])
         return self.builder_.call_te(conv2d_nchwc, data, weight,
                                      ints(attrs.strides), ints(attrs.padding),
                                      ints(attrs.dilation), int(attrs.groups), _out_dtype(call), reduced,
@@ -466,6 +469,18 @@ def reduced_in_channels(weight: np.ndarray) -> int:
     weights: Inception's 8 -> 16 conv padded to 16 -> 16 would compute twice its MACs."""
     nonzero = np.flatnonzero(np.any(weight.reshape(weight.shape[0], weight.shape[1], -1) != 0, axis=(0, 2)))
     return int(nonzero[-1]) + 1 if nonzero.size else 1
+
+
+def summed_channels(reduced: int, in_channels: int, c_block: int | None, window: int) -> int:
+    """Input channels a dense conv's reduction runs over, of `in_channels`: the `reduced` its weight
+    reads, rounded up to whole blocks of `c_block` in a conv with a `window` over 1 pixel where a
+    partial block would leave steps of fewer channels. Inception's 12 -> 24 3x3 convs summed 12 of
+    16 channels 4 at a time at 42 GFLOP/s, against 78 for its 24 -> 24; summed over 16, the whole
+    model ran 1.065x faster (2 threads, Zen 3). A 1x1 conv keeps its sum (DenseNet's 52 -> 56
+    rounded ran 0.98x)."""
+    if c_block and window > 1 and reduced > c_block and reduced % c_block:
+        return min(in_channels, -(-reduced // c_block) * c_block)
+    return reduced
 
 
 def _conv_shapes(call: relax.Call) -> tuple[int, int, int] | None:
