@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import tvm
 from onnx import ModelProto, numpy_helper
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
 
 from .cpu_rules.lowering import (CONV_BLOCK_NAME, MATMUL_BLOCK_NAME, MIN_CONV_BLOCK, block_fits, conv_block,
-                                 lowering_passes, reduced_in_channels, summed_channels, writes_blocked)
+                                 lowering_passes, weight_summed_channels, writes_blocked)
 from .cpu_rules.tir_rules import default_rules
 from .cpu_rules.vector_spec import CpuVectorSpec, cpu_vector_spec
 
@@ -141,8 +140,7 @@ def summed_in_channels(a: Analysis, node, block: int | None = None) -> int:
     weight = next((t for t in a.model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
     if groups != 1 or weight is None:
         return cin
-    w = numpy_helper.to_array(weight)
-    return min(cin, summed_channels(reduced_in_channels(w), w.shape[1], block, int(np.prod(w.shape[2:]))))
+    return min(cin, weight_summed_channels(numpy_helper.to_array(weight), block))
 
 
 def conv_cost(a: Analysis, channel_block: int) -> float:

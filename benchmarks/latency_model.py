@@ -32,6 +32,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from functools import lru_cache  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -99,6 +100,7 @@ def suite_profile(target, size: int, sessions: int = 1) -> prof.KernelProfile:
     return prof.kernel_profile(doc, str(path))
 
 
+@lru_cache(maxsize=None)
 def suite_features(target, size: int) -> dict[str, dict]:
     """The suite's kernel features as this nasc computes them: features are derived from the
     kernels, not measured, so a cached suite's times are priced with the current predictor."""

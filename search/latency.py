@@ -99,15 +99,8 @@ MAX_REPLAY_RATIO = 1.0
 
 def _channel_block(target: dict) -> int | None:
     """The NCHW{c}c block the CPU pipeline of a profile's target uses (None: no blocked layouts)."""
-    spec = (target or {}).get("tvm")
-    if not spec or spec.get("kind") != "llvm":
-        return None
-    return _llvm_channel_block(json.dumps(spec, sort_keys=True))
-
-
-@lru_cache(maxsize=None)
-def _llvm_channel_block(spec_json: str) -> int:
-    return _llvm_vector_spec(spec_json).channel_block
+    spec = _vector_spec(target)
+    return spec.channel_block if spec is not None else None
 
 
 def _vector_spec(target: dict):

@@ -161,14 +161,11 @@ def register_tile_loads(cls: str, out_channels: int, out_shape, spec: "CpuVector
     accumulators leaves the FMA units waiting on loads. A Winograd conv's tile is its matmuls'
     (tiles x out channels, one or two vectors wide). In the suite, Winograd convs whose out
     channels fill one vector but not two ran at 0.6x the GFLOP/s of those that fill two."""
-    from nasc.backends.cpu_rules.tir_rules import MATMUL_ROW_TILE
+    from nasc.backends.cpu_rules.tir_rules import matmul_row_tile
 
     if cls == "winograd":
         th, tw = winograd.tiles(out_shape[2], out_shape[3])
-        t = th * tw
-        rows = max(d for d in range(1, min(t, MATMUL_ROW_TILE) + 1) if t % d == 0)
-        if rows * 2 <= min(t, MATMUL_ROW_TILE):   # as _schedule_matmul: a predicated last tile
-            rows = MATMUL_ROW_TILE
+        rows = matmul_row_tile(th * tw)
         cols = 2 if out_channels % spec.matmul_cols == 0 else 1
     else:
         blocks = 1 if cls == "dwconv" else max(out_channels // spec.channel_block, 1)

@@ -158,7 +158,7 @@ def test_a_conv_sums_only_over_the_input_channels_its_weight_reads(summed):
     update = sch.get(sch.get_sblock("nasc_conv2d_nchwc_update"))
     reduced = [int(iv.dom.extent) for iv in update.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
     block = cs.cpu_vector_spec(HOST).channel_block
-    whole = -(-summed // block) * block
+    whole = lowering.summed_channels(summed, 32, block, 9)
     assert reduced == [whole, 3, 3], reduced
     # stepped 8 channels at a time; a sum of one step in a block no wider (AVX2's 8) is one loop
     step = min(block, CONV_UNROLL_CHANNELS)

@@ -340,8 +340,7 @@ class _CpuOpLowerer(PyExprMutator):
                 weight, index_map=lambda o, i, h, w, oo: (o, i // c_block, h, w, i % c_block, oo)))
         reduced = None
         if root is not None and int(attrs.groups) == 1:
-            w = root.value.numpy()
-            reduced = summed_channels(reduced_in_channels(w), w.shape[1], c_block, w.shape[2] * w.shape[3])
+            reduced = weight_summed_channels(root.value.numpy(), c_block)
         return self.builder_.call_te(conv2d_nchwc, data, weight,
                                      ints(attrs.strides), ints(attrs.padding),
                                      ints(attrs.dilation), int(attrs.groups), _out_dtype(call), reduced,
@@ -481,6 +480,12 @@ def summed_channels(reduced: int, in_channels: int, c_block: int | None, window:
     if c_block and window > 1 and reduced > c_block and reduced % c_block:
         return min(in_channels, -(-reduced // c_block) * c_block)
     return reduced
+
+
+def weight_summed_channels(weight: np.ndarray, c_block: int | None) -> int:
+    """Input channels a dense conv with OIHW `weight` sums over in blocks of `c_block` (None:
+    plain): `reduced_in_channels`, then `summed_channels`."""
+    return summed_channels(reduced_in_channels(weight), weight.shape[1], c_block, int(np.prod(weight.shape[2:])))
 
 
 def _conv_shapes(call: relax.Call) -> tuple[int, int, int] | None:

@@ -105,6 +105,14 @@ def _root_blocks(sch: s_tir.Schedule) -> list:
     return list(sch.get_child_blocks(get_root_block(sch)))
 
 
+def matmul_row_tile(rows: int) -> int:
+    """Rows per matmul register tile for a matmul of `rows` rows: the largest divisor up to
+    MATMUL_ROW_TILE, or a predicated last tile of MATMUL_ROW_TILE rows where that divisor is
+    small (e.g. 197 (prime) tokens), not 1-row tiles."""
+    tile = _largest_divisor(rows, MATMUL_ROW_TILE)
+    return MATMUL_ROW_TILE if tile * 2 <= min(rows, MATMUL_ROW_TILE) else tile
+
+
 def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
@@ -398,9 +406,7 @@ def _schedule_matmul(sch: s_tir.Schedule, spec: CpuVectorSpec) -> bool:
             cols = spec.matmul_cols
             sch.pad_einsum(block, [1] * (len(batch) + 1) + [cols, 1])
             *batch, i, j, k = sch.get_loops(block)
-    rows = _largest_divisor(i_ext, MATMUL_ROW_TILE)
-    if rows * 2 <= min(i_ext, MATMUL_ROW_TILE):
-        rows = MATMUL_ROW_TILE  # e.g. 197 (prime) tokens: a predicated last tile, not 1-row tiles
+    rows = matmul_row_tile(i_ext)
     jo, ji = sch.split(j, [None, cols])
     io, ii = sch.split(i, [None, rows])
     # Column panels outermost: a K x cols panel of B stays in L2 while all row tiles use it.
