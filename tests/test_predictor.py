@@ -279,6 +279,31 @@ def test_a_conv_epilogue_costs_no_pass_over_the_output_a_matmul_one_does():
     assert {"conv", "conv1x1", "dwconv", "winograd"} == set(EPILOGUE_IN_REGISTERS)
 
 
+def test_a_strided_kernel_pays_for_its_compute_and_input_read_a_stride_apart():
+    """Stride 2 adds terms of the kernel's compute and its input bytes (input read a stride
+    apart); stride 1 has none of them. A fit on kernels whose strided ones ran slower per byte
+    read recovers that and prices unseen ones of both strides."""
+    base = {"class": "conv1x1", "flops": 1e7, "in_bytes": 4e5, "out_bytes": 1e5, "weight_bytes": 1e4,
+            "out_channels": 64.0, "in_channels_per_group": 32.0, "out_pixels": 784.0, "window": 1.0, "ops": 1.0,
+            "plain_layout": 0.0, "padding": 1.0, "block_cost": 1.5}
+    s1, s2 = (dict(zip(TERMS, t)) for t in _terms([{**base, "stride": 1.0}, {**base, "stride": 2.0}]))
+    assert s1["strided_flops"] == s1["strided_in_bytes"] == 0.0
+    assert s2["strided_flops"] == pytest.approx(1.5e7) and s2["strided_in_bytes"] == 4e5
+    assert {k: v for k, v in s1.items() if not k.startswith("strided")} == {k: v for k, v in s2.items()
+                                                                           if not k.startswith("strided")}
+    rng = np.random.default_rng(3)
+
+    def kernels(n):
+        feats = [{**base, "flops": float(rng.integers(1, 100)) * 1e6, "in_bytes": float(rng.integers(1, 100)) * 1e4,
+                  "stride": float(rng.integers(1, 3))} for _ in range(n)]
+        return feats, np.array([1e-8 * f["flops"] + 2e-8 * f["in_bytes"] * (1 + (f["stride"] > 1)) + 1e-3 for f in feats])
+
+    p = fit_predictor(*kernels(60))
+    feats, ms = kernels(20)
+    assert {f["stride"] for f in feats} == {1.0, 2.0}
+    np.testing.assert_allclose(p.predict_ms(feats), ms, rtol=1e-6)
+
+
 AVX2 = dict(vector_bits=256, channel_block=8)
 
 
