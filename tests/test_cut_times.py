@@ -1,4 +1,4 @@
-"""Measured cut times (benchmarks/cut_times.py) and split-quality scoring (benchmarks/split_quality.py) on the tiny example."""
+"""Measured cut times (benchmarks/cut_times.py), split-quality scoring (benchmarks/split_quality.py) on the tiny example, and the benchmarks' session bookkeeping."""
 
 from __future__ import annotations
 
@@ -183,3 +183,20 @@ def test_sessions_keep_the_fastest_of_what_is_timed_apart():
     assert merged["crossing"] == [{"tensor": "x", "to_blocked": True, "ms": 0.4},
                                   {"tensor": "x", "to_blocked": False, "ms": 0.3}]
     assert kept["own_layouts"] == {"h1": 1.0, "h2": 2.0}   # the session's record is not changed
+
+
+def test_the_speed_benchmark_keeps_each_rows_least_disturbed_session():
+    """benchmarks/cpu_schedules.py: each row comes from the session whose ORT and nasc medians sum
+    to least, with every session's ratio beside it; TVM's default pipeline, timed in the first
+    session only, is carried over."""
+    cs = _load("cpu_schedules")
+
+    def row(name, ratio, ort_median, nasc_median, default=None):
+        return cs.Row(name, 1.0, default, 1.0, ratio, default and 50.0, ort_median, nasc_median, 0.0, 1.0)
+
+    first = [row("a", 0.86, 3.9, 3.9, default=100.0), row("b", 1.20, 1.0, 0.9, default=40.0)]
+    second = [row("a", 1.04, 3.0, 2.8), row("b", 0.95, 1.5, 1.6)]
+    a, b = cs.least_disturbed([first, second])
+    assert (a.session, a.ort_over_nasc, a.ort_over_nasc_by_session) == (1, 1.04, (0.86, 1.04))
+    assert (a.tvm_default_ms, a.default_over_nasc) == (100.0, 50.0)
+    assert (b.session, b.ort_over_nasc, b.ort_over_nasc_by_session) == (0, 1.20, (1.20, 0.95))
