@@ -69,8 +69,8 @@ IMAGE_PX = 224
 REPEATS = 7
 # The whole run is repeated this many times, minutes apart, and each row kept from the session
 # that disturbed it least (the least ORT + nasc median): this shared host has busy spells of
-# minutes, in which both run 1.5x slow and their ratio drifts (Inception 0.99 in one, 1.15 in
-# the quiet minutes after it).
+# minutes, in which both run up to 1.5x slow and their ratio drifts (Inception 0.86 in one
+# session, 1.04 in the next).
 SESSIONS = 2
 # Each timed sample runs the model until at least this long has passed, to average out jitter.
 MIN_SAMPLE_S = 0.2

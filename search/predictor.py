@@ -199,8 +199,8 @@ def _terms(features: list[dict]) -> np.ndarray:
             0.0 if f["class"] in EPILOGUE_IN_REGISTERS else f["out_bytes"] * (f["ops"] - 1),
             run * f.get("plain_layout", 0.0),                      # convs left in plain layout
             # a strided conv or pool reads its input a stride apart: more cache lines per FMA,
-            # fetched whole for the pixels it uses. The suite's 1x1 convs, each left out in turn,
-            # 51% -> 69% within ±10% (stride 2 priced -6% before), its stride-1 3x3 convs 45% -> 50%
+            # fetched whole for the pixels it uses. The suite, each kernel left out in turn: 1x1
+            # convs 51% -> 61% within ±10% (stride 2 had been priced 6% low), pools 21% -> 32%
             compute * strided, f["in_bytes"] * strided,
             f["out_pixels"],                                       # per-pixel loop overhead
             1.0,                                                   # fixed cost of a kernel
