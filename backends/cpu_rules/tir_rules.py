@@ -143,7 +143,13 @@ def _tile_accumulator(sch: s_tir.Schedule, block, tile_loop, reduce_loop, parall
 
     The innermost two loops of `block` must already be the (unrolled) row and vector loops.
     """
-    write_back = sch.cache_write(block, 0, "local")
+    # "global", not "local": TVM puts a small constant-size global buffer on the stack, where LLVM
+    # keeps the tile in registers, but a local one in a workspace allocated per parallel task, whose
+    # every tile zeroed and stored its accumulators to memory as dead stores. Placed at its uses,
+    # inside the parallel loop, each task still has its own (as a chunk's padded rows do).
+    # ResNet-18 1.13x, MobileNetV2 1.10x, ShuffleNetV2 1.08x, DenseNet 1.04x, Inception 1.00-1.06x
+    # faster whole (2 threads, Zen 3, side by side).
+    write_back = sch.cache_write(block, 0, "global")
     _inline_epilogue(sch, write_back)
     sch.reverse_compute_at(write_back, tile_loop, preserve_unit_loops=True)
     # parallel() needs a complete reduction block, so it precedes decompose_reduction.
