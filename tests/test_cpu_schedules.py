@@ -43,7 +43,14 @@ def _const(rng, name: str, shape, scale: float = 1.0):
     return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
 
-def _run_both(model: onnx.ModelProto, target=HOST):
+def _compile(model: onnx.ModelProto, target=HOST):
+    """The model compiled with nasc's scheduled CPU pipeline for `target`."""
+    return tvm.compile(from_onnx(model, keep_params_in_input=False), target=target,
+                       relax_pipeline=cs.scheduled_cpu_pipeline(target))
+
+
+def _run_both(model: onnx.ModelProto, target=HOST, ex=None):
+    """(nasc's output, ORT's) on one random input; `ex`: the model already compiled for `target`."""
     rng = np.random.default_rng(SEED + 1)
     feeds = {}
     for inp in model.graph.input:
@@ -51,8 +58,7 @@ def _run_both(model: onnx.ModelProto, target=HOST):
         feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = session.run(None, feeds)[0]
-    ex = tvm.compile(from_onnx(model, keep_params_in_input=False), target=target,
-                     relax_pipeline=cs.scheduled_cpu_pipeline(target))
+    ex = ex if ex is not None else _compile(model, target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     got = vm["main"](*[tvm.runtime.tensor(feeds[i.name]) for i in model.graph.input]).numpy()
     return got, expected
@@ -581,8 +587,7 @@ def test_aarch64_neon_builds(tmp_path):
     spec = cs.cpu_vector_spec(AARCH64)
     assert spec.lanes == 4 and spec.channel_block == 8
     model = resnet((2, 2, 2, 2), (16, 32, 64, 128), resolution=32)
-    ex = tvm.compile(from_onnx(model, keep_params_in_input=False), target=AARCH64,
-                     relax_pipeline=cs.scheduled_cpu_pipeline(AARCH64))
+    ex = _compile(model, AARCH64)
     asm = ex.mod.imports[0].inspect_source("asm")
     assert "fmla" in asm and "v0.4s" in asm, "no NEON vector FMAs in the aarch64 code"
     gcc = shutil.which("aarch64-linux-gnu-gcc")
@@ -659,9 +664,8 @@ def test_a_register_tile_is_no_workspace(model):
     """A task's accumulator tile is a small buffer on its stack, which LLVM keeps in registers. In
     a workspace allocated per task (TVM's "local" scope on a CPU), every tile stored its zeros and
     its sums to memory besides (dead stores: ResNet-18 ran 1.13x slower, 2 threads, Zen 3)."""
-    _assert_matches_ort(model)
-    ex = tvm.compile(from_onnx(model, keep_params_in_input=False), target=HOST,
-                     relax_pipeline=cs.scheduled_cpu_pipeline(HOST))
+    ex = _compile(model)
+    np.testing.assert_allclose(*_run_both(model, ex=ex), atol=ATOL, rtol=RTOL)
     kernels = {name: body for name, body in _compute_functions(ex.mod.imports[0].inspect_source("asm")).items()
                if "conv2d_nchwc" in name or "matmul" in name}
     assert kernels, "no conv or matmul kernel in the module"
